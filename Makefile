@@ -1,0 +1,37 @@
+# make train   set up what is missing, then train configs/tiny.yaml under horovodrun -np 2 on the CPU
+# make test    set up what is missing, then lint and run the whole test suite
+# make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+NP ?= 2
+RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup train test lint clean
+
+setup: $(STAMP)
+
+# Redone whenever the pins, the Horovod build script or its patches change.
+$(STAMP): setup.cfg pyproject.toml docker/horovod/build.sh $(wildcard docker/horovod/*.patch)
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+		|| { echo "make setup: hvd_llama needs Python 3.11 (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	bash docker/horovod/build.sh $(PY)
+	touch $@
+
+train: setup
+	$(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) \
+		$(PY) -m hvd_llama.train --config configs/tiny.yaml run.dir=$(RUN_DIR)
+
+lint: setup
+	$(PY) -m flake8 hvd_llama tests
+
+test: lint
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

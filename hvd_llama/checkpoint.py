@@ -1,0 +1,126 @@
+"""Checkpoints: written by rank 0 alone and atomically, restored by rank 0 then broadcast.
+
+    <run.dir>/checkpoints/step-00000050/ckpt.index, ckpt.data-*, meta.json
+
+A checkpoint directory appears only by renaming a finished one into place, so a crash mid-save
+leaves the previous checkpoint as the latest good one. meta.json records the step, the data
+position (global rows consumed) and the model config that the weights belong to.
+"""
+
+import dataclasses
+import json
+import os
+import re
+
+import tensorflow as tf
+
+from hvd_llama import distributed as dist
+from hvd_llama.atomic import atomic_path, remove
+from hvd_llama.errors import UserError
+
+KEEP = 3  # most recent checkpoints kept on disk
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def directory(run_dir):
+    return os.path.join(run_dir, "checkpoints")
+
+
+def latest(run_dir):
+    """Path of the newest complete checkpoint in run_dir, or None."""
+    steps = sorted(_steps(run_dir))
+    return os.path.join(directory(run_dir), f"step-{steps[-1]:08d}") if steps else None
+
+
+def check_run_dir(config):
+    """Rank 0 decides whether this run starts fresh or resumes, before any compute.
+
+    Returns the meta of the checkpoint to resume from, or None to start fresh. Refuses to start
+    fresh over another run's checkpoints, and to resume weights of a different model shape.
+    The verdict (or the error) reaches every rank, so all exit alike on bad input.
+    """
+    verdict = None
+    if dist.is_chief():
+        try:
+            verdict = _check(config)
+        except UserError as e:
+            verdict = e
+    verdict = dist.broadcast_object(verdict)
+    if isinstance(verdict, UserError):
+        raise verdict
+    return verdict
+
+
+def _check(config):
+    path = latest(config.run.dir)
+    if path is None:
+        if config.train.resume:
+            print(f"train.resume=true but {directory(config.run.dir)} holds no checkpoint: "
+                  "starting fresh", flush=True)
+        return None
+    if not config.train.resume:
+        raise UserError(f"run.dir {config.run.dir} already holds checkpoints ({path}); pass "
+                        "train.resume=true to continue it, or choose another run.dir")
+    meta = read_meta(path)
+    want = dataclasses.asdict(config.model)
+    if meta.get("model") != want:
+        diff = sorted(k for k in want if meta.get("model", {}).get(k) != want[k])
+        raise UserError(f"{path}: checkpoint holds a different model (model.{', model.'.join(diff)}"
+                        " differ from the config)")
+    if meta.get("seq_len") != config.data.seq_len:
+        raise UserError(f"{path}: checkpoint was trained with data.seq_len={meta.get('seq_len')},"
+                        f" the config says {config.data.seq_len}")
+    meta["path"] = path
+    return meta
+
+
+def read_meta(path):
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UserError(f"{meta_path}: checkpoint metadata lacks an integer 'step'")
+    return meta
+
+
+def restore(meta, model, optimizer):
+    """Load the checkpoint on rank 0, then give every rank rank 0's weights and optimizer state.
+
+    The optimizer must be built (its variables must exist) before this is called.
+    """
+    if meta is not None and dist.is_chief():
+        prefix = os.path.join(meta["path"], "ckpt")
+        try:
+            tf.train.Checkpoint(model=model, optimizer=optimizer).read(prefix).assert_consumed()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            raise UserError(f"{meta['path']}: cannot restore checkpoint "
+                            f"({str(e).splitlines()[0]})") from e
+    # Also the fresh-start case: ranks initialised their own weights; rank 0's win.
+    dist.broadcast_variables(model.variables + optimizer.variables)
+
+
+def save(config, step, rows, model, optimizer):
+    """Rank 0 writes checkpoint `step` (rows = global sequences consumed so far)."""
+    if not dist.is_chief():
+        return
+    final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
+    with atomic_path(final) as tmp:
+        os.makedirs(tmp)
+        tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt"))
+        meta = {"step": step, "rows": rows, "seq_len": config.data.seq_len,
+                "model": dataclasses.asdict(config.model)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    for old in sorted(_steps(config.run.dir))[:-KEEP]:
+        remove(os.path.join(directory(config.run.dir), f"step-{old:08d}"))
+
+
+def _steps(run_dir):
+    try:
+        names = os.listdir(directory(run_dir))
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for m in map(_STEP_DIR.match, names) if m]

@@ -1,0 +1,170 @@
+"""The run configuration: a tree of frozen dataclasses.
+
+Precedence: the defaults below < the YAML file < `section.key=value` on the command line.
+An unknown key, a value of the wrong type or out of range is a UserError naming the key.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from hvd_llama.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # The run directory: config.yaml, metrics.jsonl, checkpoints/, saved_model/, tensorboard/.
+    dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # The keras-hub LlamaBackbone arguments (names follow keras-hub).
+    vocab_size: int = 8000  # also the sentencepiece vocabulary size
+    num_layers: int = 4
+    num_query_heads: int = 8
+    num_key_value_heads: int = 4  # < num_query_heads: grouped-query attention
+    hidden_dim: int = 256
+    intermediate_dim: int = 688  # SwiGLU inner size
+    rope_max_wavelength: float = 10000.0  # RoPE base (theta)
+    layer_norm_epsilon: float = 1e-6  # RMSNorm epsilon
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "builtin" (the stdlib's docstrings) or a UTF-8 .txt file of blank-line separated documents.
+    corpus: str = "builtin"
+    cache_dir: str = "~/.cache/hvd_llama"  # where the built-in corpus and tokenizers are cached
+    seq_len: int = 256  # tokens per training sequence
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # optimizer steps in the whole run (a resumed run stops here too)
+    batch_size: int = 8  # sequences per process per step; global batch = batch_size x processes
+    learning_rate: float = 1e-3  # peak, for the global batch; never rescaled by process count
+    warmup_steps: int = 10  # linear warmup, then cosine decay to 10% of the peak
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    clip_norm: float = 1.0  # global-norm clipping of the averaged gradients; 0 disables
+    log_every: int = 1  # print and record metrics every N steps (1 = every step)
+    checkpoint_every: int = 50  # checkpoint every N steps (and always at the end)
+    seed: int = 0  # weight init and data order
+    resume: bool = False  # continue from the latest checkpoint in run.dir
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def load(path=None, overrides=()):
+    """Resolve defaults < YAML at `path` < `section.key=value` overrides into a Config."""
+    tree = dataclasses.asdict(Config())
+    if path is not None:
+        _merge(tree, _read_yaml(path), source=path)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"override {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        _merge(tree, {section: {name: yaml.safe_load(text)}}, source="command line")
+    config = Config(**{name: _section_type(name)(**values) for name, values in tree.items()})
+    _validate(config)
+    return config
+
+
+def to_yaml(config):
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _section_type(name):
+    return {f.name: f.type for f in dataclasses.fields(Config)}[name]
+
+
+def _merge(tree, update, source):
+    for section, values in update.items():
+        if section not in tree:
+            raise UserError(f"{source}: unknown config section '{section}'")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section '{section}' must be a mapping")
+        types = {f.name: f.type for f in dataclasses.fields(_section_type(section))}
+        for key, value in values.items():
+            if key not in types:
+                raise UserError(f"{source}: unknown config key '{section}.{key}'")
+            tree[section][key] = _coerce(f"{section}.{key}", value, types[key], source)
+
+
+def _coerce(key, value, typ, source):
+    # YAML gives int for "3" and float for "3.0"; accept an int where a float is wanted,
+    # but never a bool where a number is wanted (bool is an int subclass in Python).
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is not bool and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: '{key}' must be {typ.__name__}, got {value!r}")
+
+
+def _validate(c):
+    positive = {
+        "model.vocab_size": c.model.vocab_size, "model.num_layers": c.model.num_layers,
+        "model.num_query_heads": c.model.num_query_heads,
+        "model.num_key_value_heads": c.model.num_key_value_heads,
+        "model.hidden_dim": c.model.hidden_dim, "model.intermediate_dim": c.model.intermediate_dim,
+        "model.rope_max_wavelength": c.model.rope_max_wavelength,
+        "model.layer_norm_epsilon": c.model.layer_norm_epsilon,
+        "data.seq_len": c.data.seq_len, "train.steps": c.train.steps,
+        "train.batch_size": c.train.batch_size, "train.learning_rate": c.train.learning_rate,
+        "train.log_every": c.train.log_every, "train.checkpoint_every": c.train.checkpoint_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"'{key}' must be > 0, got {value}")
+    non_negative = {
+        "train.warmup_steps": c.train.warmup_steps, "train.seed": c.train.seed,
+        "train.weight_decay": c.train.weight_decay, "train.clip_norm": c.train.clip_norm,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"'{key}' must be >= 0, got {value}")
+    if c.model.num_query_heads % c.model.num_key_value_heads:
+        raise UserError("'model.num_query_heads' must be a multiple of 'model.num_key_value_heads'"
+                        f" ({c.model.num_query_heads} vs {c.model.num_key_value_heads})")
+    if c.model.hidden_dim % c.model.num_query_heads:
+        raise UserError("'model.hidden_dim' must be a multiple of 'model.num_query_heads'"
+                        f" ({c.model.hidden_dim} vs {c.model.num_query_heads})")
+    if c.model.vocab_size > 65535:
+        raise UserError(f"'model.vocab_size' must be <= 65535 (uint16 tokens), got "
+                        f"{c.model.vocab_size}")
+    if c.dist.compression not in ("none", "fp16"):
+        raise UserError(
+            f"'dist.compression' must be 'none' or 'fp16', got {c.dist.compression!r}")
+    if c.data.corpus != "builtin" and not os.path.isfile(os.path.expanduser(c.data.corpus)):
+        raise UserError(f"'data.corpus': file not found: {c.data.corpus}")
+    if not c.run.dir:
+        raise UserError("'run.dir' must not be empty")

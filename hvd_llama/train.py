@@ -1,0 +1,41 @@
+"""python -m hvd_llama.train --config PATH [section.key=value ...] [--debug]
+
+The same command runs as one plain process, under horovodrun (Gloo or MPI) and under mpirun:
+
+    python -m hvd_llama.train --config configs/tiny.yaml
+    horovodrun -np 2 -H localhost:2 python -m hvd_llama.train --config configs/tiny.yaml
+    mpirun -np 2 python -m hvd_llama.train --config configs/tiny.yaml run.dir=runs/x
+"""
+
+import argparse
+import os
+import sys
+
+from hvd_llama.errors import UserError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on bad input")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    try:
+        # Imported here so that `--help` and config errors answer without loading TensorFlow.
+        from hvd_llama import config, distributed, trainer
+        cfg = config.load(args.config, args.overrides)
+        distributed.init()
+        trainer.run(cfg)
+    except UserError as e:
+        if args.debug:
+            raise
+        where = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+        print(f"error{f' (rank {where})' if where else ''}: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
