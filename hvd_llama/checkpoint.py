@@ -63,10 +63,11 @@ def _check(config):
                         "train.resume=true to continue it, or choose another run.dir")
     meta = read_meta(path)
     want = dataclasses.asdict(config.model)
-    if meta.get("model") != want:
-        diff = sorted(k for k in want if meta.get("model", {}).get(k) != want[k])
-        raise UserError(f"{path}: checkpoint holds a different model (model.{', model.'.join(diff)}"
-                        " differ from the config)")
+    have = meta.get("model") or {}
+    diff = [f"model.{k} (checkpoint {have.get(k)}, config {v})"
+            for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise UserError(f"{path}: checkpoint holds a different model: {', '.join(diff)}")
     if meta.get("seq_len") != config.data.seq_len:
         raise UserError(f"{path}: checkpoint was trained with data.seq_len={meta.get('seq_len')},"
                         f" the config says {config.data.seq_len}")

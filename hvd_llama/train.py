@@ -23,9 +23,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     try:
-        # Imported here so that `--help` and config errors answer without loading TensorFlow.
-        from hvd_llama import config, distributed, trainer
+        from hvd_llama import config
         cfg = config.load(args.config, args.overrides)
+        # Imported only now, so that `--help` and config errors answer without TensorFlow.
+        from hvd_llama import distributed, trainer
         distributed.init()
         trainer.run(cfg)
     except UserError as e:

@@ -37,7 +37,7 @@ def make_train_step(model, optimizer):
 
 
 def run(config):
-    """Train as configured; returns {"step", "loss"} of the last logged step."""
+    """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
     c, run_dir = config, config.run.dir
     resume_meta = checkpoint.check_run_dir(c)  # refuses bad run dirs before any compute
     if dist.is_chief():
@@ -96,7 +96,7 @@ def run(config):
             shutil.copyfile(tokenizer_path, tmp)
         print(f"done: step {last['step']}, loss {last['loss']}; exported {path}", flush=True)
     metrics.close()
-    return last
+    return model, last
 
 
 class _Metrics:

@@ -1,0 +1,98 @@
+"""Test workers: run alone or under `horovodrun -np 2`, each rank writes what it saw to OUT.
+
+    python tests/mp_worker.py train OUT [section.key=value ...]
+        trains configs/tiny.yaml with the overrides; OUT/rank<r>.npz = final weights
+    python tests/mp_worker.py collectives OUT
+        broadcast, gradient averaging (average/sum/fp16/backward_passes_per_step) and
+        model.fit with the DistributedOptimizer; OUT/rank<r>.npz holds the arrays
+"""
+
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, os.pardir, "configs", "tiny.yaml")
+
+
+def weights(model):
+    return [v.numpy() for v in model.weights]
+
+
+def train(out, overrides):
+    from hvd_llama import config, distributed as dist, trainer
+    dist.init()
+    model, _ = trainer.run(config.load(TINY, overrides))
+    np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
+
+
+def collectives(out):
+    import keras
+    import tensorflow as tf
+    from hvd_llama import config, distributed as dist, model as model_lib
+    dist.init()
+    r = dist.rank()
+    cfg = config.load(None, ["model.vocab_size=64", "model.num_layers=1", "model.hidden_dim=16",
+                             "model.intermediate_dim=24", "model.num_query_heads=2",
+                             "model.num_key_value_heads=1"])
+    res = {}
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def batch(seed, n=2):  # rank- and call-specific data, [n, 9]
+        return np.random.default_rng(seed).integers(0, 64, (n, 9)).astype("int32")
+
+    def grads_of(model, tokens):
+        with tf.GradientTape() as tape:
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            loss = loss_fn(y, model({"token_ids": x, "padding_mask": np.ones_like(x)}))
+        # The embedding's gradient is IndexedSlices: densify it, as Horovod's allreduce does.
+        return [tf.convert_to_tensor(g).numpy()
+                for g in tape.gradient(loss, model.trainable_variables)]
+
+    # Broadcast: ranks start from different weights (seed = rank) and end with rank 0's.
+    model = model_lib.build(cfg.model, seed=r)
+    res["init"] = np.concatenate([w.ravel() for w in weights(model)])
+    dist.broadcast_variables(model.variables)
+    res["after_broadcast"] = np.concatenate([w.ravel() for w in weights(model)])
+
+    # Gradients: SGD(lr=1) moves each weight by exactly minus the reduced gradient.
+    for name, kwargs, micro in [("average", {}, 1), ("sum", {"op": "sum"}, 1),
+                                ("fp16", {"compression": "fp16"}, 1),
+                                ("bpps2", {"backward_passes_per_step": 2}, 2)]:
+        opt = dist.DistributedOptimizer(keras.optimizers.SGD(1.0), **kwargs)
+        opt.build(model.trainable_variables)
+        before = [v.numpy() for v in model.trainable_variables]
+        local = []
+        for i in range(micro):
+            g = grads_of(model, batch(100 * r + 10 * i))
+            local.append(g)
+            opt.apply([tf.constant(x) for x in g], model.trainable_variables)
+            if i < micro - 1:  # accumulating: no update yet
+                res[f"{name}_moved_early"] = np.array(
+                    [float(np.abs(v.numpy() - b).max())
+                     for v, b in zip(model.trainable_variables, before)])
+        res[f"{name}_local"] = np.concatenate(
+            [np.mean([g[j] for g in local], axis=0).ravel() for j in range(len(local[0]))])
+        res[f"{name}_delta"] = np.concatenate(
+            [(b - v.numpy()).ravel() for v, b in zip(model.trainable_variables, before)])
+
+    # model.fit with the DistributedOptimizer, 3 steps on this rank's half of each global batch.
+    fit_model = model_lib.build(cfg.model, seed=7)
+    opt = dist.DistributedOptimizer(keras.optimizers.AdamW(1e-2))
+    fit_model.compile(optimizer=opt, loss=loss_fn)
+    opt.build(fit_model.trainable_variables)
+    dist.broadcast_variables(fit_model.variables + opt.variables)
+    tokens = np.concatenate([batch(1000 + s, n=4) for s in range(3)])  # 3 global batches of 4
+    per = 4 // dist.size()
+    mine = np.concatenate([tokens[4 * s + r * per: 4 * s + (r + 1) * per] for s in range(3)])
+    x = {"token_ids": mine[:, :-1], "padding_mask": np.ones_like(mine[:, :-1])}
+    fit_model.fit(x, mine[:, 1:], batch_size=per, epochs=1, shuffle=False, verbose=0)
+    res["fit"] = np.concatenate([w.ravel() for w in weights(fit_model)])
+    np.savez(os.path.join(out, f"rank{r}.npz"), **res)
+
+
+if __name__ == "__main__":
+    what, out, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    os.makedirs(out, exist_ok=True)
+    train(out, rest) if what == "train" else collectives(out)

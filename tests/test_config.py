@@ -1,0 +1,63 @@
+import pytest
+
+from hvd_llama import config
+from hvd_llama.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_then_yaml_then_cli(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 7\n  batch_size: 3\nmodel:\n  num_layers: 2\n")
+    c = config.load(path, ["train.steps=9", "run.dir=x"])
+    assert c.train.steps == 9  # CLI beats YAML
+    assert c.train.batch_size == 3  # YAML beats default
+    assert c.model.num_layers == 2
+    assert c.train.seed == config.TrainConfig().seed  # default where neither says
+    assert c.run.dir == "x"
+
+
+def test_int_accepted_for_float_and_round_trip(tmp_path):
+    c = config.load(None, ["train.learning_rate=1", "train.resume=true"])
+    assert c.train.learning_rate == 1.0 and isinstance(c.train.learning_rate, float)
+    assert config.load(write(tmp_path, config.to_yaml(c))) == c
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        config.load().train.steps = 3
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.stepz=3"], "train.stepz"),
+    (["trian.steps=3"], "trian"),
+    (["train.steps=abc"], "train.steps"),
+    (["train.steps=true"], "train.steps"),  # a bool is not an int here
+    (["train.resume=1"], "train.resume"),
+    (["train.steps=0"], "train.steps"),
+    (["train.batch_size=-1"], "train.batch_size"),
+    (["train.weight_decay=-0.1"], "train.weight_decay"),
+    (["model.num_query_heads=6", "model.num_key_value_heads=4"], "model.num_query_heads"),
+    (["dist.compression=int8"], "dist.compression"),
+    (["data.corpus=/no/such/file.txt"], "/no/such/file.txt"),
+    (["run.dir="], "run.dir"),
+    (["steps=3"], "steps=3"),
+])
+def test_bad_override_names_the_key(overrides, fragment):
+    with pytest.raises(UserError) as e:
+        config.load(None, overrides)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found: /no/such.yaml"):
+        config.load("/no/such.yaml")
+    with pytest.raises(UserError, match="unknown config key 'train.nope'"):
+        config.load(write(tmp_path, "train:\n  nope: 1\n"))
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(write(tmp_path, "train: [\n"))
+    with pytest.raises(UserError, match="section 'train' must be a mapping"):
+        config.load(write(tmp_path, "train: 3\n"))

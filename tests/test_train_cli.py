@@ -1,0 +1,158 @@
+"""`python -m hvd_llama.train` end to end, as one process: train, checkpoint, export, resume,
+and every kind of bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run, train_cli
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def snapshot(run_dir):
+    """Every file under run_dir with its content hash: to show nothing was touched."""
+    out = {}
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, run_dir)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, short):
+    run_dir = str(tmp_path_factory.mktemp("cli") / "run")
+    proc = train_cli(f"run.dir={run_dir}", *short)
+    return run_dir, proc.stdout
+
+
+def test_train_leaves_a_complete_run_dir(trained):
+    run_dir, stdout = trained
+    m = metrics(run_dir)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_sec"] > 0 for r in m)
+    assert m[-1]["loss"] < m[0]["loss"] - 0.3, "loss did not fall"
+    assert "1,024 tokens/step" in stdout  # the batch arithmetic: 4 seq x 256 tokens x 1 process
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
+        "step-00000003", "step-00000006"]
+    for name in ("config.yaml", "tokenizer.model", "saved_model/saved_model.pb"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert not [n for n in os.listdir(run_dir) if ".partial" in n or ".old" in n]
+
+
+SERVE = """
+import sys, numpy as np, tensorflow as tf
+served = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+ids = tf.constant(np.load(sys.argv[2]))
+out = served(token_ids=ids, padding_mask=tf.ones_like(ids))["logits"]
+assert out.dtype == tf.float32, out.dtype
+assert not [m for m in sys.modules if m.startswith("hvd_llama")]
+np.save(sys.argv[3], out.numpy())
+"""
+
+
+def test_saved_model_serves_the_trained_weights(trained, tmp_path):
+    import tensorflow as tf
+    from hvd_llama import config, model as model_lib
+    run_dir, _ = trained
+    ids = np.random.default_rng(0).integers(0, 8000, (2, 11)).astype("int32")
+    np.save(tmp_path / "ids.npy", ids)
+    run([sys.executable, "-c", SERVE, os.path.join(run_dir, "saved_model"),
+         str(tmp_path / "ids.npy"), str(tmp_path / "logits.npy")])
+    served = np.load(tmp_path / "logits.npy")
+
+    cfg = config.load(os.path.join(run_dir, "config.yaml"))
+    model = model_lib.build(cfg.model, seed=1)  # other init; the checkpoint must overwrite it
+    tf.train.Checkpoint(model=model).read(
+        os.path.join(run_dir, "checkpoints", "step-00000006", "ckpt")).expect_partial()
+    expected = model({"token_ids": ids, "padding_mask": np.ones_like(ids)}).numpy()
+    assert served.shape == (2, 11, 8000)
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(trained, tmp_path, short):
+    run_dir, _ = trained
+    crashed = str(tmp_path / "crashed")  # as if the job died right after step 3's checkpoint
+    shutil.copytree(run_dir, crashed)
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "step-00000006"))
+    shutil.rmtree(os.path.join(crashed, "saved_model"))
+    full = metrics(run_dir)
+    with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in full[:3])
+
+    proc = train_cli(f"run.dir={crashed}", *short, "train.resume=true")
+    assert "steps 4..6" in proc.stdout
+    resumed = metrics(crashed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in resumed[3:]],
+                               [r["loss"] for r in full[3:]], rtol=1e-6)
+    assert os.path.isfile(os.path.join(crashed, "saved_model", "saved_model.pb"))
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error"), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train.bogus=1"], "train.bogus"),
+    (["train.steps=many"], "train.steps"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["data.corpus=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+])
+def test_bad_config_is_one_line(args, fragment):
+    proc = train_cli(*args, check=False)
+    assert_one_line_error(proc, fragment)
+    assert proc.stderr.strip().count("\n") == 0  # nothing else: refused before TF loads
+
+
+def test_missing_config_file_and_debug_traceback():
+    proc = run([sys.executable, "-m", "hvd_llama.train", "--config", "/no/such.yaml"],
+               check=False)
+    assert_one_line_error(proc, "/no/such.yaml")
+    proc = run([sys.executable, "-m", "hvd_llama.train", "--config", "/no/such.yaml", "--debug"],
+               check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train.resume=true", "model.num_layers=2"], ["step-00000006", "model.num_layers"]),
+    (["train.resume=true", "data.seq_len=128"], ["step-00000006", "data.seq_len"]),
+    ([], ["already holds checkpoints", "train.resume=true"]),  # a fresh run over old work
+])
+def test_run_dir_of_another_run_is_refused_and_untouched(trained, tmp_path, short, args,
+                                                         fragments):
+    run_dir, _ = trained
+    other = str(tmp_path / "other")
+    shutil.copytree(run_dir, other)
+    before = snapshot(other)
+    proc = train_cli(f"run.dir={other}", *short, *args, check=False)
+    assert_one_line_error(proc, *fragments)
+    assert snapshot(other) == before
+
+
+def test_corrupt_checkpoint_metadata_is_named(trained, tmp_path, short):
+    run_dir, _ = trained
+    other = str(tmp_path / "other")
+    shutil.copytree(run_dir, other)
+    meta = os.path.join(other, "checkpoints", "step-00000006", "meta.json")
+    with open(meta, "w") as f:
+        f.write("{not json")
+    before = snapshot(other)
+    proc = train_cli(f"run.dir={other}", *short, "train.resume=true", check=False)
+    assert_one_line_error(proc, meta)
+    assert snapshot(other) == before
