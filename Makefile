@@ -1,6 +1,7 @@
 # make train   set up what is missing, then train configs/tiny.yaml under horovodrun -np 2 on the CPU
 # make test    set up what is missing, then lint and run the whole test suite
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
+#              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,9 +15,11 @@ RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 setup: $(STAMP)
 
 # Redone whenever the pins, the Horovod build script or its patches change.
-$(STAMP): setup.cfg pyproject.toml docker/horovod/build.sh $(wildcard docker/horovod/*.patch)
+$(STAMP): setup.cfg pyproject.toml docker/debian-packages.sh docker/horovod/build.sh \
+		$(wildcard docker/horovod/*.patch)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
 		|| { echo "make setup: hvd_llama needs Python 3.11 (set PYTHON=...)"; exit 1; }
+	bash docker/debian-packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'

@@ -3,6 +3,7 @@
 #
 #   docker/horovod/build.sh [PYTHON]
 #
+# Debian packages come from ../debian-packages.sh.
 # Horovod 0.28.1 (its last release) does not build against TensorFlow >= 2.19 as published,
 # so this builds it from the PyPI sdist with the patches beside this script, against the
 # TensorFlow already installed for PYTHON (default: python3), with TensorFlow + MPI + Gloo
@@ -16,18 +17,7 @@ GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HVD_LLAMA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_llama/wheels}
 
-# TF 2.21's public headers include highwayhash and farmhash without shipping them.
-apt_pkgs=(libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev cmake g++ make patch)
-missing=()
-for p in "${apt_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  echo "build.sh: installing Debian packages: ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+bash "$here/../debian-packages.sh"
 
 tf_version=$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null) \
   || { echo "build.sh: TensorFlow is not importable by $PY; install it first" >&2; exit 1; }
