@@ -67,24 +67,20 @@ def read_documents(path):
 def prepare(data_config, vocab_size):
     """Token stream and tokenizer for the configured corpus, built once and cached.
 
-    Returns (tokens: np.uint16 [T], tokenizer path). One process per host builds (local rank 0);
-    every file is written under a temporary name and renamed, so a crash or a second builder on
-    a shared filesystem never leaves a half-written file behind.
+    Returns (tokens: np.uint16 [T], tokenizer path). One process per host builds (local rank 0)
+    while the others wait; every file is written under a temporary name and renamed, so a crash
+    or a second builder on a shared filesystem never leaves a half-written file behind.
     """
     cache = os.path.expanduser(data_config.cache_dir)
     if data_config.corpus == "builtin":
         name = f"builtin-py{sys.version_info.major}.{sys.version_info.minor}"
         corpus_path = os.path.join(cache, "corpus", name + ".txt")
-        make_corpus = builtin_corpus
     else:
         corpus_path = os.path.expanduser(data_config.corpus)
-        make_corpus = None
     if dist.local_rank() == 0:
-        if make_corpus and not os.path.exists(corpus_path):
-            write_bytes(corpus_path, "\n\n".join(make_corpus()).encode())
-        key = f"{_sha256(corpus_path)[:16]}-v{vocab_size}"
-        tok_path = os.path.join(cache, "tokenizers", key + ".model")
-        tokens_path = os.path.join(cache, "tokens", key + ".npy")
+        if data_config.corpus == "builtin" and not os.path.exists(corpus_path):
+            write_bytes(corpus_path, "\n\n".join(builtin_corpus()).encode())
+        tok_path, tokens_path = _cached_paths(cache, corpus_path, vocab_size)
         if not os.path.exists(tok_path):
             os.makedirs(os.path.dirname(tok_path), exist_ok=True)
             tokenizer.train(corpus_path, tok_path, vocab_size)
@@ -97,12 +93,17 @@ def prepare(data_config, vocab_size):
             with atomic_path(tokens_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, np.asarray(ids, dtype=np.uint16))
-    else:
-        tok_path = tokens_path = None
     dist.barrier()
-    tok_path, tokens_path = dist.broadcast_object((tok_path, tokens_path))
+    tok_path, tokens_path = _cached_paths(cache, corpus_path, vocab_size)
     tokenizer.load(tok_path, vocab_size)  # vocab agreement, checked on every rank
     return np.load(tokens_path, mmap_mode="r"), tok_path
+
+
+def _cached_paths(cache, corpus_path, vocab_size):
+    """Tokenizer and token-stream files, named by the corpus content and the vocab size."""
+    key = f"{_sha256(corpus_path)[:16]}-v{vocab_size}"
+    return (os.path.join(cache, "tokenizers", key + ".model"),
+            os.path.join(cache, "tokens", key + ".npy"))
 
 
 def num_sequences(tokens, seq_len):

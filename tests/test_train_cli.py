@@ -90,6 +90,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(trained, tmp_path, s
     with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in full[:3])
 
+    # A save that died midway leaves only a .partial directory: it must never be resumed from.
+    partial = os.path.join(crashed, "checkpoints", "step-00000006.partial-4242")
+    os.makedirs(partial)
+    with open(os.path.join(partial, "meta.json"), "w") as f:
+        f.write('{"step": 6, "trunc')
+
     proc = train_cli(f"run.dir={crashed}", *short, "train.resume=true")
     assert "steps 4..6" in proc.stdout
     resumed = metrics(crashed)
