@@ -32,8 +32,11 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        where = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
-        print(f"error{f' (rank {where})' if where else ''}: {e}", file=sys.stderr, flush=True)
+        # Config errors come before Horovod starts and read the same on every rank; later ones
+        # may be one rank's own, so they name it.
+        dist = sys.modules.get("hvd_llama.distributed")
+        where = f" (rank {dist.rank()})" if dist and dist.size() > 1 else ""
+        print(f"error{where}: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 
