@@ -34,10 +34,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "builtin" (the stdlib's docstrings) or a UTF-8 .txt file of blank-line separated documents.
-    corpus: str = "builtin"
-    cache_dir: str = "~/.cache/hvd_llama"  # where the built-in corpus and tokenizers are cached
+    # A directory made by `python -m hvd_llama.data prepare`, or "builtin": the standard
+    # library's docstrings, prepared on first use into cache_dir.
+    path: str = "builtin"
+    cache_dir: str = "~/.cache/hvd_llama"  # where the built-in dataset is prepared
     seq_len: int = 256  # tokens per training sequence
+    verify: bool = True  # check every shard's sha256 against the manifest at start
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class TrainConfig:
     clip_norm: float = 1.0  # global-norm clipping of the averaged gradients; 0 disables
     log_every: int = 1  # print and record metrics every N steps (1 = every step)
     checkpoint_every: int = 50  # checkpoint every N steps (and always at the end)
+    eval_every: int = 50  # validation loss every N steps (and at the end); 0 = never
+    eval_batches: int = 4  # global batches of the validation split per evaluation
     seed: int = 0  # weight init and data order
     resume: bool = False  # continue from the latest checkpoint in run.dir
 
@@ -148,6 +152,7 @@ def _validate(c):
     non_negative = {
         "train.warmup_steps": c.train.warmup_steps, "train.seed": c.train.seed,
         "train.weight_decay": c.train.weight_decay, "train.clip_norm": c.train.clip_norm,
+        "train.eval_every": c.train.eval_every, "train.eval_batches": c.train.eval_batches,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -164,7 +169,7 @@ def _validate(c):
     if c.dist.compression not in ("none", "fp16"):
         raise UserError(
             f"'dist.compression' must be 'none' or 'fp16', got {c.dist.compression!r}")
-    if c.data.corpus != "builtin" and not os.path.isfile(os.path.expanduser(c.data.corpus)):
-        raise UserError(f"'data.corpus': file not found: {c.data.corpus}")
+    if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
+        raise UserError(f"'data.path': no such dataset directory: {c.data.path}")
     if not c.run.dir:
         raise UserError("'run.dir' must not be empty")

@@ -1,146 +1,246 @@
-"""Text in, per-rank batches of packed token sequences out.
+"""Prepared token datasets in, per-rank batches out; and the `python -m hvd_llama.data` CLI.
 
-    corpus (.txt) --tokenizer--> one uint16 token stream, documents joined with EOS
-    token stream --(seq_len + 1)-token windows--> sequences 0..N-1
-    step s --> global rows s*G .. s*G+G-1 (G = global batch) --> this rank's b rows
+    python -m hvd_llama.data prepare --input PATH_OR_GLOB... --output DIR [options]
+    python -m hvd_llama.data inspect DIR [--seq-len L] [--processes N] [--batch-size B]
 
-Row j of the endless stream is sequence perm_e(j mod N) of epoch e = j // N, where perm_e is a
-stateless shuffle seeded by (train.seed, e). The global batch of step s therefore holds the same
-sequences whatever the number of processes, and rank r reads only rows [r*b, (r+1)*b) of it.
-Nothing depends on history, so a resumed run reads exactly what an uninterrupted one would.
+A prepared directory (see prepare.py) holds shards of <s> doc </s> token streams. Each shard is
+cut into windows of seq_len + 1 tokens (inputs plus the targets shifted by one), stride
+seq_len; the windows of all train shards, in manifest order, are sequences 0..n-1.
+
+Row j of the endless stream of rows is sequence perm_e(j mod n) of epoch e = j // n, where
+perm_e is a stateless shuffle seeded by (train.seed, e). Step s reads global rows
+[first + s*G, first + (s+1)*G), G = batch_size x processes, and rank r of them only rows
+[r*b, (r+1)*b). So the global batch of a step holds the same sequences whatever the number of
+processes, every sequence of an epoch is read exactly once, and the ranks' shares never differ
+by a single sequence. Nothing depends on history: a checkpoint records the rows consumed and a
+resumed run reads exactly what an uninterrupted one would.
 """
 
-import ast
-import hashlib
+import argparse
+import json
 import os
 import sys
-import sysconfig
 
 import numpy as np
-import tensorflow as tf
 
-from hvd_llama import distributed as dist
-from hvd_llama.atomic import atomic_path, write_bytes
-from hvd_llama import tokenizer
+from hvd_llama import corpus, tokenizer
+from hvd_llama.atomic import write_bytes
 from hvd_llama.errors import UserError
 
 
-def builtin_corpus():
-    """Paragraphs of the standard library's docstrings: real English prose, shipped with
-    every Python, no download and no third-party text committed. Read with `ast`, never
-    imported (importing some stdlib modules has side effects)."""
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"test", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter"}
-    docs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("__"))
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                     ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        docs.extend(p.strip() for p in doc.split("\n\n") if len(p.strip()) >= 40)
-    return docs
+def builtin_dir(cache_dir, vocab_size):
+    """The built-in corpus as a prepared directory, prepared once per cache and vocab size.
 
-
-def read_documents(path):
-    """A UTF-8 text file whose documents are separated by blank lines."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read corpus ({e})") from e
-    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-    if not docs:
-        raise UserError(f"{path}: corpus holds no documents")
-    return docs
-
-
-def prepare(data_config, vocab_size):
-    """Token stream and tokenizer for the configured corpus, built once and cached.
-
-    Returns (tokens: np.uint16 [T], tokenizer path). One process per host builds (local rank 0)
-    while the others wait; every file is written under a temporary name and renamed, so a crash
-    or a second builder on a shared filesystem never leaves a half-written file behind.
-    """
-    cache = os.path.expanduser(data_config.cache_dir)
-    if data_config.corpus == "builtin":
-        name = f"builtin-py{sys.version_info.major}.{sys.version_info.minor}"
-        corpus_path = os.path.join(cache, "corpus", name + ".txt")
-    else:
-        corpus_path = os.path.expanduser(data_config.corpus)
-    if dist.local_rank() == 0:
-        if data_config.corpus == "builtin" and not os.path.exists(corpus_path):
-            write_bytes(corpus_path, "\n\n".join(builtin_corpus()).encode())
-        tok_path, tokens_path = _cached_paths(cache, corpus_path, vocab_size)
-        if not os.path.exists(tok_path):
-            os.makedirs(os.path.dirname(tok_path), exist_ok=True)
-            tokenizer.train(corpus_path, tok_path, vocab_size)
-        if not os.path.exists(tokens_path):
-            sp = tokenizer.load(tok_path, vocab_size)
-            ids = []
-            for doc_ids in sp.encode(read_documents(corpus_path)):
-                ids.extend(doc_ids)
-                ids.append(tokenizer.EOS_ID)
-            with atomic_path(tokens_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.asarray(ids, dtype=np.uint16))
+    One process per host (local rank 0) prepares it while the others wait."""
+    from hvd_llama import distributed as dist, prepare
+    cache = os.path.expanduser(cache_dir)
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    out = os.path.join(cache, "datasets", f"builtin-{version}-v{vocab_size}")
+    if dist.local_rank() == 0 and not os.path.exists(out):
+        text = os.path.join(cache, "corpus", f"builtin-{version}.txt")
+        if not os.path.exists(text):
+            write_bytes(text, "\n\n".join(corpus.builtin_documents()).encode())
+        prepare.prepare([text], out, vocab_size=vocab_size, min_chars=40, val_fraction=0.01)
     dist.barrier()
-    tok_path, tokens_path = _cached_paths(cache, corpus_path, vocab_size)
-    tokenizer.load(tok_path, vocab_size)  # vocab agreement, checked on every rank
-    return np.load(tokens_path, mmap_mode="r"), tok_path
+    return out
 
 
-def _cached_paths(cache, corpus_path, vocab_size):
-    """Tokenizer and token-stream files, named by the corpus content and the vocab size."""
-    key = f"{_sha256(corpus_path)[:16]}-v{vocab_size}"
-    return (os.path.join(cache, "tokenizers", key + ".model"),
-            os.path.join(cache, "tokens", key + ".npy"))
+class Prepared:
+    """A prepared dataset directory, checked against its manifest."""
+
+    def __init__(self, path, vocab_size=None, verify=True):
+        self.path = path
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.isdir(path):
+            raise UserError(f"{path}: no such dataset directory")
+        if not os.path.isfile(manifest_path):
+            raise UserError(f"{path}: not a prepared dataset (no manifest.json; "
+                            "an interrupted prepare?)")
+        try:
+            with open(manifest_path) as f:
+                self.manifest = m = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{manifest_path}: unreadable ({e})") from e
+        if not isinstance(m, dict) or m.get("format") != "hvd_llama.tokens/1":
+            raise UserError(f"{manifest_path}: not a hvd_llama.tokens/1 manifest")
+        if vocab_size is not None and m["vocab_size"] != vocab_size:
+            raise UserError(f"{path}: tokenizer has {m['vocab_size']} tokens but "
+                            f"'model.vocab_size' is {vocab_size}")
+        self.tokenizer_path = os.path.join(path, m["tokenizer"]["file"])
+        files = [(self.tokenizer_path, m["tokenizer"]["sha256"], None)]
+        self.shards = {}
+        for split, info in m["splits"].items():
+            self.shards[split] = []
+            for shard in info["shards"]:
+                bin_path = os.path.join(path, shard["file"])
+                itemsize = np.dtype(m["dtype"]).itemsize
+                files.append((bin_path, shard["sha256"], shard["tokens"] * itemsize))
+                files.append((os.path.join(path, shard["index"]), shard["index_sha256"],
+                              shard["documents"] * 8))
+                self.shards[split].append(bin_path)
+        for file, checksum, size in files:
+            _check_file(file, checksum, size, verify)
+        self.shards = {split: [np.memmap(p, dtype=m["dtype"], mode="r") for p in paths]
+                       for split, paths in self.shards.items()}
+
+    def sequences(self, split, seq_len):
+        return Sequences(self.shards.get(split, []), seq_len)
 
 
-def num_sequences(tokens, seq_len):
-    """How many (seq_len + 1)-token windows the stream holds (inputs plus shifted targets)."""
-    return (len(tokens) - 1) // seq_len
+def _check_file(path, checksum, size, verify):
+    from hvd_llama.prepare import sha256
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (listed in manifest.json)")
+    if size is not None and os.path.getsize(path) != size:
+        raise UserError(f"{path}: {os.path.getsize(path)} bytes, manifest.json says {size} "
+                        "(a truncated copy?)")
+    if verify and sha256(path) != checksum:
+        raise UserError(f"{path}: checksum differs from manifest.json")
 
 
-def dataset(tokens, seq_len, batch_size, seed, first_row, steps):
-    """This rank's next `steps` batches, int32 [batch_size, seq_len + 1], starting at global row
-    `first_row` (the sequences consumed so far, which a checkpoint records)."""
-    n = num_sequences(tokens, seq_len)
-    if n < 1:
-        raise UserError(f"corpus has {len(tokens)} tokens, fewer than one sequence of "
-                        f"'data.seq_len'={seq_len}")
-    stream = tf.constant(np.asarray(tokens, dtype=np.int32))
-    global_batch = batch_size * dist.size()
-    offset = dist.rank() * batch_size
-    window = tf.range(seq_len + 1, dtype=tf.int64)
+class Sequences:
+    """Windows of seq_len + 1 tokens, stride seq_len, over a list of token shards."""
 
-    def rows_of_step(step):
-        rows = first_row + step * global_batch + offset + tf.range(batch_size, dtype=tf.int64)
-        epoch = rows // n
-        # One stateless permutation per epoch, seeded (train.seed, epoch, 0). The raw op, since
-        # tf.random.experimental.index_shuffle mangles a batch of seeds (TF 2.21).
-        seeds = tf.stack([tf.fill([batch_size], tf.cast(seed, tf.int64)), epoch,
-                          tf.zeros([batch_size], tf.int64)], axis=1)
-        seq = tf.raw_ops.RandomIndexShuffle(index=rows % n, seed=seeds,
-                                            max_index=tf.cast(n - 1, tf.int64))
-        return tf.gather(stream, seq[:, None] * seq_len + window[None, :])
+    def __init__(self, shards, seq_len):
+        self.shards, self.seq_len = shards, seq_len
+        counts = [max(0, (len(s) - 1) // seq_len) for s in shards]
+        self.starts = np.cumsum([0] + counts)  # first sequence id of each shard
+        self.n = int(self.starts[-1])
 
-    ds = tf.data.Dataset.range(steps).map(rows_of_step)
+    def fetch(self, ids):
+        """int32 [len(ids), seq_len + 1]: the windows of sequence ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        first = (ids - self.starts[shard]) * self.seq_len
+        return np.stack([self.shards[s][o:o + self.seq_len + 1]
+                         for s, o in zip(shard, first)]).astype(np.int32)
+
+
+def rows(first_row, step, rank, size, batch_size):
+    """The partition: global rows that rank `rank` of `size` reads at local step `step`."""
+    return first_row + step * batch_size * size + rank * batch_size + np.arange(batch_size)
+
+
+def sequence_ids(rows_, n, seed):
+    """Rows -> sequence ids: within epoch e = row // n, a stateless shuffle seeded (seed, e)."""
+    import tensorflow as tf
+    rows_ = tf.cast(rows_, tf.int64)
+    seeds = tf.stack([tf.fill(tf.shape(rows_), tf.cast(seed, tf.int64)), rows_ // n,
+                      tf.zeros_like(rows_)], axis=-1)
+    # The raw op: tf.random.experimental.index_shuffle mangles a batch of seeds (TF 2.21).
+    return tf.raw_ops.RandomIndexShuffle(index=rows_ % n, seed=seeds,
+                                         max_index=tf.constant(n - 1, tf.int64))
+
+
+def dataset(seqs, batch_size, seed, first_row, steps, rank, size):
+    """This rank's next `steps` training batches, int32 [batch_size, seq_len + 1]."""
+    import tensorflow as tf
+    if seqs.n < 1:
+        raise UserError(f"the training split holds no sequence of 'data.seq_len'+1="
+                        f"{seqs.seq_len + 1} tokens")
+    shape = [batch_size, seqs.seq_len + 1]
+
+    def ids_of_step(step):  # step: an int64 tensor; rows() works on it as on an int
+        return sequence_ids(rows(first_row, step, rank, size, batch_size), seqs.n, seed)
+
+    def fetch(ids):
+        return tf.ensure_shape(tf.numpy_function(seqs.fetch, [ids], tf.int32), shape)
+
+    ds = tf.data.Dataset.range(steps).map(ids_of_step)
+    ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def validation_batches(seqs, batch_size, count, rank, size):
+    """This rank's part of the first `count` global batches of the validation split, in order
+    (no shuffle; wrapping around a split smaller than count global batches)."""
+    if seqs.n < 1:
+        return []
+    return [seqs.fetch(rows(0, i, rank, size, batch_size) % seqs.n) for i in range(count)]
+
+
+def inspect(path, seq_len, processes, batch_size, samples, out=sys.stdout):
+    data = Prepared(path, verify=True)
+    m = data.manifest
+    print(f"{path}: vocab {m['vocab_size']}, {m['dtype']} tokens, tokenizer "
+          f"{m['tokenizer']['sha256'][:12]} (checksums verified)", file=out)
+    for split, info in m["splits"].items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
+              f"{len(info['shards'])} shard(s)", file=out)
+        for shard in info["shards"]:
+            print(f"  {shard['file']}: {shard['documents']:,} documents, "
+                  f"{shard['tokens']:,} tokens", file=out)
+    print("cleaning: " + ", ".join(f"{k} {v}" for k, v in sorted(m["cleaning"].items())),
+          file=out)
+    seqs = data.sequences("train", seq_len)
+    g = processes * batch_size
+    steps = -(-seqs.n // g)
+    print(f"epoch at seq_len {seq_len}: {seqs.n:,} sequences; {processes} process(es) x "
+          f"batch {batch_size} = {g} per step -> {steps:,} steps, {steps * batch_size:,} "
+          f"sequences per process (the last step runs into the next epoch; no process reads "
+          f"more than another)", file=out)
+    sp = tokenizer.load(data.tokenizer_path)
+    first = data.shards["train"][0]
+    starts = np.fromfile(os.path.join(path, m["splits"]["train"]["shards"][0]["index"]),
+                         dtype=np.uint64)
+    for i in range(min(samples, len(starts))):
+        end = int(starts[i + 1]) if i + 1 < len(starts) else len(first)
+        text = sp.decode([int(t) for t in first[int(starts[i]):end]])
+        print(f"sample {i}: {text[:200]!r}", file=out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on bad input")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="corpora -> token shards + tokenizer + manifest")
+    p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl[.gz], .parquet")
+    p.add_argument("--output", required=True, help="a new directory")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="use this sentencepiece model (e.g. LLaMA's)")
+    tok.add_argument("--vocab-size", type=int, default=32000, help="train one of this size")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes on this host")
+    p.add_argument("--min-chars", type=int, default=1, help="drop shorter cleaned documents")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="documents held out")
+    p.add_argument("--no-progress", action="store_true")
+    i = sub.add_parser("inspect", help="totals, shards, the split over processes, samples")
+    i.add_argument("dir")
+    i.add_argument("--seq-len", type=int, default=2048)
+    i.add_argument("--processes", type=int, default=1)
+    i.add_argument("--batch-size", type=int, default=1, help="sequences per process per step")
+    i.add_argument("--samples", type=int, default=3)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from hvd_llama import prepare
+            from hvd_llama.launcher import launched
+            m = prepare.prepare(args.input, args.output, args.tokenizer, args.vocab_size,
+                                args.text_field, max(1, args.workers), args.min_chars,
+                                args.val_fraction, progress=not args.no_progress,
+                                launched=launched())
+            if m is None:  # not rank 0 of a launched prepare
+                return 0
+            c = m["cleaning"]
+            print(f"{args.output}: {m['splits']['train']['documents']:,} train + "
+                  f"{m['splits']['val']['documents']:,} val documents, "
+                  f"{m['splits']['train']['tokens']:,} + {m['splits']['val']['tokens']:,} "
+                  f"tokens; read {c.get('documents', 0):,}, dropped {c.get('too_short', 0):,} "
+                  f"too short and {c.get('duplicates', 0):,} duplicates, skipped "
+                  f"{c.get('bad_records', 0):,} bad records and {c.get('bad_utf8_bytes', 0):,} "
+                  f"undecodable bytes"
+                  + (f" (first bad record: {c['first_bad_record']})"
+                     if "first_bad_record" in c else ""))
+        else:
+            inspect(args.dir, args.seq_len, args.processes, args.batch_size, args.samples)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

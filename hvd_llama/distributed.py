@@ -13,16 +13,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-# Set by the launchers: horovodrun --gloo (HOROVOD_RANK), OpenMPI's mpirun, which horovodrun
-# --mpi uses (OMPI_COMM_WORLD_RANK), MPICH/Intel MPI (PMI_RANK), srun --mpi=pmix (PMIX_RANK).
-_LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+from hvd_llama.launcher import launched
 
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
-
-
-def launched():
-    """True when a Horovod or MPI launcher started this process."""
-    return any(v in os.environ for v in _LAUNCHER_RANK_VARS)
 
 
 def init():
@@ -101,6 +94,13 @@ def broadcast_object(obj, root_rank=0):
     if _hvd is None:
         return obj
     return _hvd.broadcast_object(obj, root_rank=root_rank)
+
+
+def allgather_object(obj):
+    """Every process's picklable object, as a list in rank order."""
+    if _hvd is None:
+        return [obj]
+    return _hvd.allgather_object(obj)
 
 
 def barrier():

@@ -34,8 +34,8 @@ def train(corpus_path, model_path, vocab_size, threads=None):
             num_threads=threads or os.cpu_count(),
             minloglevel=2,
         )
-    except RuntimeError as e:
-        raise UserError(f"{corpus_path}: cannot train a {vocab_size}-token tokenizer "
+    except RuntimeError as e:  # the caller says which input or flag this is about
+        raise UserError(f"cannot train a {vocab_size}-token tokenizer on this text "
                         f"({str(e).splitlines()[-1]})") from e
     os.replace(prefix + ".model", model_path)
     os.remove(prefix + ".vocab")

@@ -12,6 +12,7 @@ import shutil
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hvd_llama import checkpoint, data, distributed as dist, export, model as model_lib, optim
@@ -36,6 +37,19 @@ def make_train_step(model, optimizer):
     return train_step
 
 
+def make_eval_step(model):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def eval_step(batch):  # int32 [b, seq_len + 1]
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
+                       training=False)
+        return loss_fn(targets, logits)
+
+    return eval_step
+
+
 def run(config):
     """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
     c, run_dir = config, config.run.dir
@@ -44,7 +58,12 @@ def run(config):
         os.makedirs(run_dir, exist_ok=True)
         write_bytes(os.path.join(run_dir, "config.yaml"), config_lib.to_yaml(c).encode())
 
-    tokens, tokenizer_path = data.prepare(c.data, c.model.vocab_size)
+    path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size) \
+        if c.data.path == "builtin" else c.data.path
+    dataset = data.Prepared(path, c.model.vocab_size, verify=c.data.verify)
+    train_seqs = dataset.sequences("train", c.data.seq_len)
+    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), c.train.batch_size,
+                                  c.train.eval_batches, dist.rank(), dist.size())
     model = model_lib.build(c.model, seed=c.train.seed)
     schedule = optim.schedule(c.train)
     optimizer = dist.DistributedOptimizer(optim.build(c.train, schedule),
@@ -57,20 +76,20 @@ def run(config):
     global_batch = c.train.batch_size * dist.size()
     tokens_per_step = global_batch * c.data.seq_len
     if dist.is_chief():
-        n_seq = data.num_sequences(tokens, c.data.seq_len)
+        n_seq = train_seqs.n
         print(f"hvd_llama: {dist.size()} process(es), controller {dist.controller()}, "
               f"model {model.count_params():,} parameters", flush=True)
         print(f"batch: {c.train.batch_size} seq/process x {dist.size()} processes = "
               f"{global_batch} seq/step x {c.data.seq_len} tokens = "
               f"{tokens_per_step:,} tokens/step", flush=True)
         print(f"run: steps {start + 1}..{c.train.steps}, "
-              f"{(c.train.steps - start) * tokens_per_step:,} tokens; corpus {len(tokens):,} "
-              f"tokens = {n_seq:,} sequences ({c.train.steps * global_batch / n_seq:.2f} epochs)",
-              flush=True)
+              f"{(c.train.steps - start) * tokens_per_step:,} tokens; {path}: {n_seq:,} "
+              f"sequences ({c.train.steps * global_batch / max(n_seq, 1):.2f} epochs), "
+              f"{len(val)} validation batches", flush=True)
 
-    batches = data.dataset(tokens, c.data.seq_len, c.train.batch_size, c.train.seed,
-                           first_row=rows, steps=c.train.steps - start)
-    train_step = make_train_step(model, optimizer)
+    batches = data.dataset(train_seqs, c.train.batch_size, c.train.seed, first_row=rows,
+                           steps=c.train.steps - start, rank=dist.rank(), size=dist.size())
+    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
     metrics = _Metrics(run_dir, append=resume_meta is not None)
     last = {"step": start, "loss": None}
     t_log, steps_since_log = time.perf_counter(), 0
@@ -78,22 +97,31 @@ def run(config):
         loss = train_step(batch)
         rows += global_batch
         steps_since_log += 1
-        if step % c.train.log_every == 0 or step == c.train.steps:
+        last_step = step == c.train.steps
+        val_loss = None
+        if val and c.train.eval_every and (step % c.train.eval_every == 0 or last_step):
+            # Every rank evaluates its part of the same validation batches.
+            t_eval = time.perf_counter()
+            val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
+            t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
+        if step % c.train.log_every == 0 or last_step or val_loss is not None:
             loss = float(dist.allreduce_mean(loss))  # every rank joins; rank 0 reports
             now = time.perf_counter()
             record = {"step": step, "loss": loss,
                       "tokens_per_sec": steps_since_log * tokens_per_step / (now - t_log),
                       "learning_rate": float(schedule(step - 1))}  # the rate this step used
+            if val_loss is not None:
+                record["val_loss"] = val_loss
             metrics.write(record)
             last = {"step": step, "loss": loss}
             t_log, steps_since_log = now, 0
-        if step % c.train.checkpoint_every == 0 or step == c.train.steps:
+        if step % c.train.checkpoint_every == 0 or last_step:
             checkpoint.save(c, step, rows, model, optimizer)
 
     if dist.is_chief():
         path = export.export(model, os.path.join(run_dir, "saved_model"))
         with atomic_path(os.path.join(run_dir, "tokenizer.model")) as tmp:
-            shutil.copyfile(tokenizer_path, tmp)
+            shutil.copyfile(dataset.tokenizer_path, tmp)
         print(f"done: step {last['step']}, loss {last['loss']}; exported {path}", flush=True)
     metrics.close()
     return model, last
@@ -117,7 +145,8 @@ class _Metrics:
             for key, value in record.items():
                 if key != "step":
                     tf.summary.scalar(key, value)
-        print(f"step {record['step']:6d}  loss {record['loss']:.4f}  "
+        val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        print(f"step {record['step']:6d}  loss {record['loss']:.4f}{val}  "
               f"lr {record['learning_rate']:.2e}  {record['tokens_per_sec']:,.0f} tokens/s",
               flush=True)
 

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+from hvd_llama.launcher import RANK_VARS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 WORKER = os.path.join(REPO, "tests", "mp_worker.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+for var in RANK_VARS:
     ENV.pop(var, None)  # the single-process runs must not think they were launched
 
 

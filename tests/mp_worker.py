@@ -2,6 +2,8 @@
 
     python tests/mp_worker.py train OUT [section.key=value ...]
         trains configs/tiny.yaml with the overrides; OUT/rank<r>.npz = final weights
+    python tests/mp_worker.py data OUT DATASET_DIR
+        this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
         broadcast, gradient averaging (average/sum/fp16/backward_passes_per_step) and
         model.fit with the DistributedOptimizer; OUT/rank<r>.npz holds the arrays
@@ -25,6 +27,15 @@ def train(out, overrides):
     dist.init()
     model, _ = trainer.run(config.load(TINY, overrides))
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
+
+
+def data(out, path):
+    from hvd_llama import data as data_lib, distributed as dist
+    dist.init()
+    seqs = data_lib.Prepared(path).sequences("train", 16)
+    batches = data_lib.dataset(seqs, batch_size=2, seed=5, first_row=0, steps=8,
+                               rank=dist.rank(), size=dist.size())
+    np.save(os.path.join(out, f"rank{dist.rank()}.npy"), np.stack(list(batches)))
 
 
 def collectives(out):
@@ -95,4 +106,5 @@ def collectives(out):
 if __name__ == "__main__":
     what, out, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     os.makedirs(out, exist_ok=True)
-    train(out, rest) if what == "train" else collectives(out)
+    {"train": lambda: train(out, rest), "data": lambda: data(out, rest[0]),
+     "collectives": lambda: collectives(out)}[what]()

@@ -42,7 +42,7 @@ def test_frozen():
     (["train.weight_decay=-0.1"], "train.weight_decay"),
     (["model.num_query_heads=6", "model.num_key_value_heads=4"], "model.num_query_heads"),
     (["dist.compression=int8"], "dist.compression"),
-    (["data.corpus=/no/such/file.txt"], "/no/such/file.txt"),
+    (["data.path=/no/such/dir"], "/no/such/dir"),
     (["run.dir="], "run.dir"),
     (["steps=3"], "steps=3"),
 ])

@@ -118,7 +118,7 @@ def assert_one_line_error(proc, *fragments):
     (["train.bogus=1"], "train.bogus"),
     (["train.steps=many"], "train.steps"),
     (["train.batch_size=0"], "train.batch_size"),
-    (["data.corpus=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["data.path=/no/such/dataset"], "/no/such/dataset"),
 ])
 def test_bad_config_is_one_line(args, fragment):
     proc = train_cli(*args, check=False)
