@@ -1,5 +1,6 @@
 # make train   set up what is missing, then train configs/tiny.yaml under horovodrun -np 2 on the CPU
 # make test    set up what is missing, then lint and run the whole test suite
+# make bench-data  prepare and loader throughput against training configs/small.yaml
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
 
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.setup-done
 NP ?= 2
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test lint bench-data clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ lint: setup
 
 test: lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+bench-data: setup
+	$(PY) bench/data_throughput.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
