@@ -23,16 +23,17 @@ import sys
 
 import numpy as np
 
-from hvd_llama import corpus, tokenizer
+from hvd_llama import corpus, prepare, tokenizer
 from hvd_llama.atomic import write_bytes
 from hvd_llama.errors import UserError
+from hvd_llama.launcher import launched
 
 
 def builtin_dir(cache_dir, vocab_size):
     """The built-in corpus as a prepared directory, prepared once per cache and vocab size.
 
     One process per host (local rank 0) prepares it while the others wait."""
-    from hvd_llama import distributed as dist, prepare
+    from hvd_llama import distributed as dist  # here: the data CLI never loads TensorFlow
     cache = os.path.expanduser(cache_dir)
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
     out = os.path.join(cache, "datasets", f"builtin-{version}-v{vocab_size}")
@@ -40,7 +41,13 @@ def builtin_dir(cache_dir, vocab_size):
         text = os.path.join(cache, "corpus", f"builtin-{version}.txt")
         if not os.path.exists(text):
             write_bytes(text, "\n\n".join(corpus.builtin_documents()).encode())
-        prepare.prepare([text], out, vocab_size=vocab_size, min_chars=40, val_fraction=0.01)
+        try:
+            prepare.prepare([text], out, vocab_size=vocab_size, min_chars=40,
+                            val_fraction=0.01)
+        except (UserError, OSError):
+            # Another host sharing this cache may have finished it first: then use theirs.
+            if not os.path.exists(os.path.join(out, "manifest.json")):
+                raise
     dist.barrier()
     return out
 
@@ -88,13 +95,12 @@ class Prepared:
 
 
 def _check_file(path, checksum, size, verify):
-    from hvd_llama.prepare import sha256
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing (listed in manifest.json)")
     if size is not None and os.path.getsize(path) != size:
         raise UserError(f"{path}: {os.path.getsize(path)} bytes, manifest.json says {size} "
                         "(a truncated copy?)")
-    if verify and sha256(path) != checksum:
+    if verify and prepare.sha256(path) != checksum:
         raise UserError(f"{path}: checksum differs from manifest.json")
 
 
@@ -214,8 +220,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            from hvd_llama import prepare
-            from hvd_llama.launcher import launched
             m = prepare.prepare(args.input, args.output, args.tokenizer, args.vocab_size,
                                 args.text_field, max(1, args.workers), args.min_chars,
                                 args.val_fraction, progress=not args.no_progress,

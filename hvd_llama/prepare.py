@@ -85,7 +85,7 @@ def prepare(inputs, output, tokenizer_model=None, vocab_size=32000, text_field="
         if comm.rank == 0:
             os.replace(work, output)
         comm.allgather(None)
-        return manifest if comm.rank == 0 else None
+        return manifest
     except BaseException:
         if comm.rank == 0:
             remove(work)
@@ -99,7 +99,7 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
     # 1. Clean each file into work/clean-N.jsonl, in parallel; gather every file's hashes.
     jobs = [(i, files[i], text_field, min_chars, work) for i in mine]
     cleaned = comm.allgather(_map(_clean_file, jobs, workers, progress and comm.rank == 0,
-                                  "clean"))
+                                  "clean", count=lambda r: (r[2]["documents"], 0)))
     cleaned = sorted((r for rank_results in cleaned for r in rank_results), key=lambda r: r[0])
     stats = Counter()
     for _, _, file_stats, _ in cleaned:
@@ -132,7 +132,9 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
     # 4. Tokenize each file's kept documents into its train and val shards, in parallel.
     jobs = [(i, work, tok_path, keep[i], is_val[i], dtype) for i in mine]
     t0 = time.perf_counter()
-    mine_shards = _map(_tokenize_file, jobs, workers, progress and comm.rank == 0, "tokenize")
+    mine_shards = _map(_tokenize_file, jobs, workers, progress and comm.rank == 0, "tokenize",
+                       count=lambda shards: (sum(s["documents"] for s in shards),
+                                             sum(s["tokens"] for s in shards)))
     for index in mine:
         os.remove(_clean_path(work, index))
     # Also the point after which no rank touches `work` again: rank 0 may then rename it.
@@ -148,6 +150,8 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
                          "documents": sum(s["documents"] for s in listed)}
     if splits["train"]["tokens"] == 0:
         raise UserError("every kept document went to the validation split; lower --val-fraction")
+    if comm.rank != 0:
+        return None  # rank 0 alone writes the manifest, then renames `work`
     manifest = {
         "format": FORMAT, "dtype": dtype, "vocab_size": vocab,
         "bos_id": tokenizer.BOS_ID, "eos_id": tokenizer.EOS_ID,
@@ -155,16 +159,16 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
         "splits": splits, "inputs": files, "cleaning": dict(stats),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if comm.rank == 0:
-        tmp = os.path.join(work, "manifest.json.partial")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(work, "manifest.json"))
+    tmp = os.path.join(work, "manifest.json.partial")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(work, "manifest.json"))
     return manifest
 
 
-def _map(fn, jobs, workers, progress, what):
-    """fn over jobs, in a pool of `workers` processes when > 1, with an optional progress bar."""
+def _map(fn, jobs, workers, progress, what, count):
+    """fn over jobs, in a pool of `workers` processes when > 1, with a progress bar if asked;
+    count(result) -> (documents, tokens) feeds the bar."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -176,13 +180,8 @@ def _map(fn, jobs, workers, progress, what):
         for result in (pool.imap(fn, jobs) if pool else map(fn, jobs)):
             results.append(result)
             if bar:
-                counts = result[2] if what == "clean" else {"documents": 0, "tokens": 0}
-                if what != "clean":
-                    for s in result:
-                        counts["documents"] += s["documents"]
-                        counts["tokens"] += s["tokens"]
-                docs += counts.get("documents", 0)
-                tokens += counts.get("tokens", 0)
+                d, t = count(result)
+                docs, tokens = docs + d, tokens + t
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(docs=docs, **({"tokens/s": f"{rate:,.0f}"} if tokens else {}))
                 bar.update()

@@ -22,8 +22,10 @@ def run(cmd, check=True, timeout=900):
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+        text = proc.stdout + proc.stderr
+        if len(text) > 8000:  # the first error and the last words both matter
+            text = text[:3000] + "\n[...]\n" + text[-5000:]
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{text}")
     return proc
 
 
