@@ -1,6 +1,7 @@
 """The run configuration: a tree of frozen dataclasses.
 
-Precedence: the defaults below < the YAML file < `section.key=value` on the command line.
+Precedence: the defaults below < the YAML file (after the file its `base:` key names, if any)
+< `section.key=value` on the command line. configs/base.yaml documents every key.
 An unknown key, a value of the wrong type or out of range is a UserError naming the key.
 """
 
@@ -76,7 +77,7 @@ def load(path=None, overrides=()):
     """Resolve defaults < YAML at `path` < `section.key=value` overrides into a Config."""
     tree = dataclasses.asdict(Config())
     if path is not None:
-        _merge(tree, _read_yaml(path), source=path)
+        _apply_file(tree, path)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
@@ -90,6 +91,19 @@ def load(path=None, overrides=()):
 
 def to_yaml(config):
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def _apply_file(tree, path, depth=0):
+    """Merge a YAML file into tree, after the file its `base:` key names (relative to it)."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: 'base' must name a YAML file, got {base!r}")
+        if depth >= 8:
+            raise UserError(f"{path}: 'base' files nest more than 8 deep (a cycle?)")
+        _apply_file(tree, os.path.join(os.path.dirname(path), base), depth + 1)
+    _merge(tree, data, source=path)
 
 
 def _read_yaml(path):

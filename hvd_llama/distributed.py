@@ -28,8 +28,8 @@ def init():
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         # Processes sharing a host's cores: without this each would start a thread per core.
-        local_size = _hvd.local_size() if _hvd else 1
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, os.cpu_count() // local_size))
+        tf.config.threading.set_intra_op_parallelism_threads(
+            max(1, os.cpu_count() // local_size()))
     for gpu in gpus:
         # Several processes share a host: let each grow into its GPU instead of grabbing all.
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -47,6 +47,10 @@ def size():
 
 def local_rank():
     return _hvd.local_rank() if _hvd else 0
+
+
+def local_size():
+    return _hvd.local_size() if _hvd else 1
 
 
 def is_chief():

@@ -19,12 +19,20 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks on bad input")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, FLOPs, batch, memory and tokens; build nothing")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="with --dry-run: the process count to plan for")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     try:
         from hvd_llama import config
         cfg = config.load(args.config, args.overrides)
+        if args.dry_run:
+            from hvd_llama import plan
+            print("\n".join(plan.describe(cfg, args.processes)))
+            return 0
         # Imported only now, so that `--help` and config errors answer without TensorFlow.
         from hvd_llama import distributed, trainer
         distributed.init()

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvd_llama import checkpoint, data, distributed as dist, export, model as model_lib, optim
+from hvd_llama import plan
 from hvd_llama import config as config_lib
 from hvd_llama.atomic import atomic_path, write_bytes
 
@@ -53,6 +54,8 @@ def make_eval_step(model):
 def run(config):
     """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
     c, run_dir = config, config.run.dir
+    if not tf.config.list_physical_devices("GPU"):
+        plan.check_fits(c, dist.local_size())  # a clear refusal instead of running out of memory
     resume_meta = checkpoint.check_run_dir(c)  # refuses bad run dirs before any compute
     if dist.is_chief():
         os.makedirs(run_dir, exist_ok=True)
@@ -76,16 +79,14 @@ def run(config):
     global_batch = c.train.batch_size * dist.size()
     tokens_per_step = global_batch * c.data.seq_len
     if dist.is_chief():
-        n_seq = train_seqs.n
-        print(f"hvd_llama: {dist.size()} process(es), controller {dist.controller()}, "
-              f"model {model.count_params():,} parameters", flush=True)
-        print(f"batch: {c.train.batch_size} seq/process x {dist.size()} processes = "
-              f"{global_batch} seq/step x {c.data.seq_len} tokens = "
-              f"{tokens_per_step:,} tokens/step", flush=True)
-        print(f"run: steps {start + 1}..{c.train.steps}, "
-              f"{(c.train.steps - start) * tokens_per_step:,} tokens; {path}: {n_seq:,} "
-              f"sequences ({c.train.steps * global_batch / max(n_seq, 1):.2f} epochs), "
-              f"{len(val)} validation batches", flush=True)
+        print(f"hvd_llama: {dist.size()} process(es), controller {dist.controller()}",
+              flush=True)
+        for line in plan.describe(c, dist.size()):
+            print(line, flush=True)
+        print(f"data: {path}: {train_seqs.n:,} sequences "
+              f"({c.train.steps * global_batch / max(train_seqs.n, 1):.2f} epochs), "
+              f"{len(val)} validation batches; this run: steps {start + 1}..{c.train.steps}",
+              flush=True)
 
     batches = data.dataset(train_seqs, c.train.batch_size, c.train.seed, first_row=rows,
                            steps=c.train.steps - start, rank=dist.rank(), size=dist.size())

@@ -57,7 +57,7 @@ def two_processes(request, tmp_path_factory, cache_dir):
 def test_two_processes_train_like_one_with_twice_the_batch(one_process, two_processes):
     controller, out, stdout = two_processes
     assert f"controller {controller}" in stdout
-    assert "4 seq/process x 2 processes = 8 seq/step" in stdout
+    assert "4 seq/process x 2 process(es) = 8 sequences = 2,048 tokens" in stdout
     np.testing.assert_allclose(losses(out), losses(one_process), rtol=1e-5)
     assert len(losses(out)) == STEPS
     single = arrays(os.path.join(one_process, "rank0.npz"))

@@ -42,7 +42,7 @@ def test_train_leaves_a_complete_run_dir(trained):
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
     assert all(r["tokens_per_sec"] > 0 for r in m)
     assert m[-1]["loss"] < m[0]["loss"] - 0.3, "loss did not fall"
-    assert "1,024 tokens/step" in stdout  # the batch arithmetic: 4 seq x 256 tokens x 1 process
+    assert "= 4 sequences = 1,024 tokens" in stdout  # the batch arithmetic: 4 x 256 x 1
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "step-00000003", "step-00000006"]
     for name in ("config.yaml", "tokenizer.model", "saved_model/saved_model.pb"):
