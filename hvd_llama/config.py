@@ -40,7 +40,7 @@ class DataConfig:
     path: str = "builtin"
     cache_dir: str = "~/.cache/hvd_llama"  # where the built-in dataset is prepared
     seq_len: int = 256  # tokens per training sequence
-    verify: bool = True  # check every shard's sha256 against the manifest at start
+    verify: bool = True  # check every shard's sha256 against the manifest at start, once a host
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ text field, a null parquet value) are skipped and counted, and the first is repo
 """
 
 import ast
-import codecs
 import glob
 import gzip
 import hashlib
@@ -96,12 +95,11 @@ def _read_bytes(path):
 
 
 def _decode(raw, stats):
-    """UTF-8 with undecodable bytes dropped and counted."""
-    def count_and_skip(err):
-        stats["bad_utf8_bytes"] += err.end - err.start
-        return "", err.end
-    codecs.register_error("hvd_llama_count", count_and_skip)
-    return raw.decode("utf-8", errors="hvd_llama_count")
+    """UTF-8 with undecodable bytes dropped and counted (valid UTF-8 re-encodes to itself, so
+    the bytes lost are the difference in length)."""
+    text = raw.decode("utf-8", errors="ignore")
+    stats["bad_utf8_bytes"] += len(raw) - len(text.encode("utf-8"))
+    return text
 
 
 def _read_jsonl(path, text_field, stats):

@@ -74,21 +74,17 @@ class Prepared:
             raise UserError(f"{path}: tokenizer has {m['vocab_size']} tokens but "
                             f"'model.vocab_size' is {vocab_size}")
         self.tokenizer_path = os.path.join(path, m["tokenizer"]["file"])
-        files = [(self.tokenizer_path, m["tokenizer"]["sha256"], None)]
-        self.shards = {}
-        for split, info in m["splits"].items():
-            self.shards[split] = []
+        _check_file(self.tokenizer_path, m["tokenizer"]["sha256"], None, verify)
+        itemsize = np.dtype(m["dtype"]).itemsize
+        for info in m["splits"].values():
             for shard in info["shards"]:
-                bin_path = os.path.join(path, shard["file"])
-                itemsize = np.dtype(m["dtype"]).itemsize
-                files.append((bin_path, shard["sha256"], shard["tokens"] * itemsize))
-                files.append((os.path.join(path, shard["index"]), shard["index_sha256"],
-                              shard["documents"] * 8))
-                self.shards[split].append(bin_path)
-        for file, checksum, size in files:
-            _check_file(file, checksum, size, verify)
-        self.shards = {split: [np.memmap(p, dtype=m["dtype"], mode="r") for p in paths]
-                       for split, paths in self.shards.items()}
+                _check_file(os.path.join(path, shard["file"]), shard["sha256"],
+                            shard["tokens"] * itemsize, verify)
+                _check_file(os.path.join(path, shard["index"]), shard["index_sha256"],
+                            shard["documents"] * 8, verify)  # uint64 offsets
+        self.shards = {split: [np.memmap(os.path.join(path, s["file"]), dtype=m["dtype"],
+                                         mode="r") for s in info["shards"]]
+                       for split, info in m["splits"].items()}
 
     def sequences(self, split, seq_len):
         return Sequences(self.shards.get(split, []), seq_len)

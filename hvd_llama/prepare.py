@@ -94,6 +94,7 @@ def prepare(inputs, output, tokenizer_model=None, vocab_size=32000, text_field="
 
 def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers, min_chars,
              val_fraction, progress):
+    t0 = time.perf_counter()
     mine = list(range(comm.rank, len(files), comm.size))
 
     # 1. Clean each file into work/clean-N.jsonl, in parallel; gather every file's hashes.
@@ -131,7 +132,6 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
 
     # 4. Tokenize each file's kept documents into its train and val shards, in parallel.
     jobs = [(i, work, tok_path, keep[i], is_val[i], dtype) for i in mine]
-    t0 = time.perf_counter()
     mine_shards = _map(_tokenize_file, jobs, workers, progress and comm.rank == 0, "tokenize",
                        count=lambda shards: (sum(s["documents"] for s in shards),
                                              sum(s["tokens"] for s in shards)))

@@ -63,7 +63,9 @@ def run(config):
 
     path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size) \
         if c.data.path == "builtin" else c.data.path
-    dataset = data.Prepared(path, c.model.vocab_size, verify=c.data.verify)
+    # Sizes are checked on every rank; the sha256 pass reads every shard, so once per host.
+    dataset = data.Prepared(path, c.model.vocab_size,
+                            verify=c.data.verify and dist.local_rank() == 0)
     train_seqs = dataset.sequences("train", c.data.seq_len)
     val = data.validation_batches(dataset.sequences("val", c.data.seq_len), c.train.batch_size,
                                   c.train.eval_batches, dist.rank(), dist.size())
