@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from hvd_llama import config, corpus, data, distributed as dist, model as model_lib, optim
-from hvd_llama import prepare, trainer
+from hvd_llama import config, corpus, data, distributed as dist, prepare
+from steps import train_tokens_per_s
 
 
 def make_corpus(directory, megabytes, files=8):
@@ -78,7 +78,7 @@ def main():
                                   "mb_per_s": round(in_bytes / 1e6 / s, 2),
                                   "tokens_per_s": round(tokens / s)})
 
-    seq_len, batch = small.data.seq_len, small.train.batch_size
+    seq_len, batch = small.data.seq_len, small.train.global_batch
     seqs = data.Prepared(out).sequences("train", seq_len)
     steps = 400
     batches = iter(data.dataset(seqs, batch, seed=0, first_row=0, steps=steps, rank=0, size=1))
@@ -86,13 +86,8 @@ def main():
     _, s = timed(lambda: [b for b in batches])
     result["loader_tokens_per_s"] = round((steps - 1) * batch * seq_len / s)
 
-    model = model_lib.build(small.model, seed=0)
-    opt = dist.DistributedOptimizer(optim.build(small.train, optim.schedule(small.train)))
-    step = trainer.make_train_step(model, opt)
-    batch_data = seqs.fetch(np.arange(batch))
-    step(batch_data)  # tracing
-    _, s = timed(lambda: [step(batch_data).numpy() for _ in range(args.train_steps)])
-    result["train_tokens_per_s"] = round(args.train_steps * batch * seq_len / s)
+    result["train_tokens_per_s"] = round(train_tokens_per_s(
+        small, args.train_steps, seqs.fetch(np.arange(batch))[np.newaxis]))
     result["loader_over_training"] = round(
         result["loader_tokens_per_s"] / result["train_tokens_per_s"], 1)
 

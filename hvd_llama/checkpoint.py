@@ -71,6 +71,10 @@ def _check(config):
     if meta.get("seq_len") != config.data.seq_len:
         raise UserError(f"{path}: checkpoint was trained with data.seq_len={meta.get('seq_len')},"
                         f" the config says {config.data.seq_len}")
+    # float16 adds a loss scale to the optimizer state; the other two share one layout.
+    if (meta.get("precision") == "float16") != (config.train.precision == "float16"):
+        raise UserError(f"{path}: checkpoint was trained with train.precision="
+                        f"{meta.get('precision')}, the config says {config.train.precision}")
     meta["path"] = path
     return meta
 
@@ -112,7 +116,7 @@ def save(config, step, rows, model, optimizer):
         os.makedirs(tmp)
         tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt"))
         meta = {"step": step, "rows": rows, "seq_len": config.data.seq_len,
-                "model": dataclasses.asdict(config.model)}
+                "precision": config.train.precision, "model": dataclasses.asdict(config.model)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     for old in sorted(_steps(config.run.dir))[:-KEEP]:

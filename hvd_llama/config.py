@@ -46,11 +46,20 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100  # optimizer steps in the whole run (a resumed run stops here too)
-    batch_size: int = 8  # sequences per process per step; global batch = batch_size x processes
+    # Sequences per optimizer step over all processes and micro-batches. Each process runs
+    # grad_accum micro-batches of global_batch / (processes x grad_accum) sequences per step.
+    global_batch: int = 8
+    grad_accum: int = 1
     learning_rate: float = 1e-3  # peak, for the global batch; never rescaled by process count
     warmup_steps: int = 10  # linear warmup, then cosine decay to 10% of the peak
     weight_decay: float = 0.1  # AdamW decoupled weight decay
+    decay_norms_and_embeddings: bool = False  # False: decay only the dense kernels
     clip_norm: float = 1.0  # global-norm clipping of the averaged gradients; 0 disables
+    precision: str = "float32"  # "float32" | "bfloat16" | "float16": compute dtype; weights fp32
+    remat: bool = False  # recompute each decoder block's activations in the backward pass
+    jit_compile: str = "auto"  # "auto" (XLA on GPU only) | "true" | "false"
+    on_nonfinite: str = "stop"  # a NaN/Inf gradient: "stop" the run or "skip" the step
+    peak_tflops: float = 0.0  # the device's peak per process, for MFU; 0 = look up / measure
     log_every: int = 1  # print and record metrics every N steps (1 = every step)
     checkpoint_every: int = 50  # checkpoint every N steps (and always at the end)
     eval_every: int = 50  # validation loss every N steps (and at the end); 0 = never
@@ -61,7 +70,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    # Horovod's knobs, exported as its HOROVOD_* variables before it starts (they win over
+    # horovodrun's flags). Defaults are Horovod's own.
     compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
+    fusion_threshold_mb: int = 128  # tensors fused into one allreduce buffer up to this size
+    cycle_time_ms: float = 1.0  # how long Horovod's background thread waits to batch tensors
+    timeline: str = ""  # Chrome-trace file of every collective (relative to run.dir); "" = off
+    autotune: bool = False  # let Horovod tune fusion and cycle time; logs to autotune.csv
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,25 @@ def _read_yaml(path):
     return data
 
 
+_BOOL_OR_STR = {"jit_compile"}
+_CHOICES = {
+    "train.precision": ("float32", "bfloat16", "float16"),
+    "train.jit_compile": ("auto", "true", "false"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "dist.compression": ("none", "fp16"),
+}
+
+
+def micro_batch(c, processes):
+    """Sequences per micro-batch on each process; a UserError if the global batch does not
+    split evenly over `processes` x train.grad_accum."""
+    parts = processes * c.train.grad_accum
+    if c.train.global_batch % parts:
+        raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
+                        f"{processes} process(es) x train.grad_accum {c.train.grad_accum}")
+    return c.train.global_batch // parts
+
+
 def _section_type(name):
     return {f.name: f.type for f in dataclasses.fields(Config)}[name]
 
@@ -135,6 +169,8 @@ def _merge(tree, update, source):
         for key, value in values.items():
             if key not in types:
                 raise UserError(f"{source}: unknown config key '{section}.{key}'")
+            if key in _BOOL_OR_STR and isinstance(value, bool):
+                value = str(value).lower()  # YAML reads `true` as a bool
             tree[section][key] = _coerce(f"{section}.{key}", value, types[key], source)
 
 
@@ -157,7 +193,8 @@ def _validate(c):
         "model.rope_max_wavelength": c.model.rope_max_wavelength,
         "model.layer_norm_epsilon": c.model.layer_norm_epsilon,
         "data.seq_len": c.data.seq_len, "train.steps": c.train.steps,
-        "train.batch_size": c.train.batch_size, "train.learning_rate": c.train.learning_rate,
+        "train.global_batch": c.train.global_batch, "train.grad_accum": c.train.grad_accum,
+        "train.learning_rate": c.train.learning_rate,
         "train.log_every": c.train.log_every, "train.checkpoint_every": c.train.checkpoint_every,
     }
     for key, value in positive.items():
@@ -167,6 +204,9 @@ def _validate(c):
         "train.warmup_steps": c.train.warmup_steps, "train.seed": c.train.seed,
         "train.weight_decay": c.train.weight_decay, "train.clip_norm": c.train.clip_norm,
         "train.eval_every": c.train.eval_every, "train.eval_batches": c.train.eval_batches,
+        "train.peak_tflops": c.train.peak_tflops,
+        "dist.fusion_threshold_mb": c.dist.fusion_threshold_mb,
+        "dist.cycle_time_ms": c.dist.cycle_time_ms,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -180,9 +220,12 @@ def _validate(c):
     if c.model.vocab_size > 65535:
         raise UserError(f"'model.vocab_size' must be <= 65535 (uint16 tokens), got "
                         f"{c.model.vocab_size}")
-    if c.dist.compression not in ("none", "fp16"):
-        raise UserError(
-            f"'dist.compression' must be 'none' or 'fp16', got {c.dist.compression!r}")
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value not in allowed:
+            raise UserError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    micro_batch(c, 1)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")
     if not c.run.dir:

@@ -8,12 +8,14 @@ cut into windows of seq_len + 1 tokens (inputs plus the targets shifted by one),
 seq_len; the windows of all train shards, in manifest order, are sequences 0..n-1.
 
 Row j of the endless stream of rows is sequence perm_e(j mod n) of epoch e = j // n, where
-perm_e is a stateless shuffle seeded by (train.seed, e). Step s reads global rows
-[first + s*G, first + (s+1)*G), G = batch_size x processes, and rank r of them only rows
-[r*b, (r+1)*b). So the global batch of a step holds the same sequences whatever the number of
-processes, every sequence of an epoch is read exactly once, and the ranks' shares never differ
-by a single sequence. Nothing depends on history: a checkpoint records the rows consumed and a
-resumed run reads exactly what an uninterrupted one would.
+perm_e is a stateless shuffle seeded by (train.seed, e). Micro-batch m reads global rows
+[first + m*b*P, first + (m+1)*b*P) for P processes of micro-batch b, and rank r of them only
+rows [r*b, (r+1)*b); an optimizer step is k consecutive micro-batches, so it reads the global
+batch G = k*b*P rows [first + s*G, first + (s+1)*G). The global batch of a step therefore holds
+the same sequences whatever the number of processes and micro-batches, every sequence of an
+epoch is read exactly once, and the ranks' shares never differ by a single sequence. Nothing
+depends on history: a checkpoint records the rows consumed and a resumed run reads exactly what
+an uninterrupted one would.
 """
 
 import argparse
@@ -119,7 +121,7 @@ class Sequences:
 
 
 def rows(first_row, step, rank, size, batch_size):
-    """The partition: global rows that rank `rank` of `size` reads at local step `step`."""
+    """The partition: global rows that rank `rank` of `size` reads at micro-batch `step`."""
     return first_row + step * batch_size * size + rank * batch_size + np.arange(batch_size)
 
 
@@ -134,8 +136,9 @@ def sequence_ids(rows_, n, seed):
                                          max_index=tf.constant(n - 1, tf.int64))
 
 
-def dataset(seqs, batch_size, seed, first_row, steps, rank, size):
-    """This rank's next `steps` training batches, int32 [batch_size, seq_len + 1]."""
+def dataset(seqs, batch_size, seed, first_row, steps, rank, size, accum=1):
+    """This rank's next `steps` training steps of `accum` micro-batches each,
+    int32 [accum, batch_size, seq_len + 1]."""
     import tensorflow as tf
     if seqs.n < 1:
         raise UserError(f"the training split holds no sequence of 'data.seq_len'+1="
@@ -148,9 +151,9 @@ def dataset(seqs, batch_size, seed, first_row, steps, rank, size):
     def fetch(ids):
         return tf.ensure_shape(tf.numpy_function(seqs.fetch, [ids], tf.int32), shape)
 
-    ds = tf.data.Dataset.range(steps).map(ids_of_step)
+    ds = tf.data.Dataset.range(steps * accum).map(ids_of_step)
     ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(accum, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def validation_batches(seqs, batch_size, count, rank, size):

@@ -9,7 +9,9 @@ process without importing Horovod at all: every collective is then the identity.
 """
 
 import os
+import socket
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -18,10 +20,16 @@ from hvd_llama.launcher import launched
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
 
 
-def init():
-    """Start Horovod (under a launcher) and pin this process to one GPU, if there are GPUs."""
+def init(dc=None, run_dir="."):
+    """Start Horovod (under a launcher) with DistConfig `dc`'s knobs, and pin this process to
+    one GPU, if there are GPUs."""
     global _hvd
     if launched() and _hvd is None:
+        if dc is not None:
+            os.environ.update(horovod_env(dc, run_dir))
+            if dc.timeline:  # Horovod opens the file in init()
+                os.makedirs(os.path.dirname(os.environ["HOROVOD_TIMELINE"]) or ".",
+                            exist_ok=True)
         import horovod.tensorflow as hvd  # noqa: the one Horovod import of hvd_llama
         hvd.init()
         _hvd = hvd
@@ -35,6 +43,20 @@ def init():
         tf.config.experimental.set_memory_growth(gpu, True)
     if gpus:
         tf.config.set_visible_devices(gpus[local_rank() % len(gpus)], "GPU")
+
+
+def horovod_env(dc, run_dir):
+    """The HOROVOD_* variables for DistConfig `dc`; Horovod reads them once, in init()."""
+    env = {}
+    if dc.autotune:  # fusion threshold and cycle time are then Horovod's to choose
+        env["HOROVOD_AUTOTUNE"] = "1"
+        env["HOROVOD_AUTOTUNE_LOG"] = os.path.join(run_dir, "autotune.csv")
+    else:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(dc.fusion_threshold_mb * 1024 * 1024)
+        env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms)
+    if dc.timeline:
+        env["HOROVOD_TIMELINE"] = os.path.join(run_dir, dc.timeline)
+    return env
 
 
 def rank():
@@ -63,6 +85,18 @@ def controller():
     if _hvd is None:
         return "none"
     return "gloo" if _hvd.gloo_enabled() else "mpi"
+
+
+def world():
+    """What the startup summary shows of the Horovod world."""
+    hosts = sorted(set(allgather_object(socket.gethostname())))
+    if _hvd is None:
+        ops = "none"
+    else:
+        ops = ", ".join(name for name, built in (("NCCL", _hvd.nccl_built()),
+                                                 ("MPI", _hvd.mpi_built()),
+                                                 ("Gloo", _hvd.gloo_built())) if built)
+    return {"size": size(), "hosts": hosts, "controller": controller(), "tensor_ops": ops}
 
 
 def allreduce_gradients(grads, op="average", compression="none"):
@@ -114,44 +148,57 @@ def barrier():
 
 
 class _AllreducedGradients:
-    """Mixin over a Keras 3 optimizer class: allreduce gradients right before they are applied.
+    """Mixin over a Keras 3 optimizer class: allreduce the gradients as they enter `apply`.
 
-    Keras 3 calls `_clip_gradients` exactly once per optimizer step with the final gradients
-    (after its own `gradient_accumulation_steps` averaging, before weight decay and the update),
-    from `apply`, `apply_gradients` and `model.fit` alike. Allreducing there means one allreduce
-    per optimizer step, not per micro-batch, and clipping sees the averaged gradients, so it
-    acts identically on every process.
+    `apply` is where `model.fit` (through `apply_gradients`) and custom train steps alike hand
+    over gradients, once per optimizer step. Everything after it sees the averaged gradients,
+    identical on every process: clipping, weight decay, and a LossScaleOptimizer's overflow test,
+    so an overflow on one process skips the step on all. Other optimizers skip a step whose
+    averaged gradients hold a NaN/Inf rather than poison the weights. `apply` returns the global
+    norm of the averaged (still loss-scaled) gradients.
     """
 
     hvd_op = "average"
     hvd_compression = "none"
 
-    def _clip_gradients(self, grads):
-        return super()._clip_gradients(
-            allreduce_gradients(grads, op=self.hvd_op, compression=self.hvd_compression))
+    def apply(self, grads, trainable_variables=None):
+        grads = allreduce_gradients(grads, op=self.hvd_op, compression=self.hvd_compression)
+        norm = tf.linalg.global_norm(grads)
+        base = super(_AllreducedGradients, self)
+        if isinstance(self, keras.optimizers.LossScaleOptimizer):
+            base.apply(grads, trainable_variables)
+            return norm
+
+        def update():
+            base.apply(grads, trainable_variables)
+            return tf.constant(True)
+
+        tf.cond(tf.math.is_finite(norm), update, lambda: tf.constant(False))
+        return norm
 
 
-def DistributedOptimizer(optimizer, compression="none", op="average", backward_passes_per_step=1):
-    """A copy of a Keras 3 optimizer whose gradients are allreduced across processes.
+def DistributedOptimizer(optimizer, compression="none", op="average"):
+    """Make a Keras 3 optimizer allreduce its gradients across processes; returns it.
 
+    The optimizer itself is changed (its class becomes a subclass of its own class), so its
+    settings survive, such as the variables excluded from weight decay.
     compression: "none" | "fp16" (allreduce in half precision, apply in full).
     op: "average" | "sum".
-    backward_passes_per_step: k > 1 accumulates k local micro-batches (their mean) and
-        allreduces once per k, through Keras's own `gradient_accumulation_steps`.
 
     Use it as `model.compile(optimizer=DistributedOptimizer(keras.optimizers.AdamW(...)))`
-    or call `apply(grads, variables)` from a custom train step.
+    or call `apply(grads, variables)` from a custom train step. Accumulate micro-batches before
+    `apply` (as trainer.py does): Keras's own gradient_accumulation_steps would allreduce every
+    micro-batch and evaluates learning-rate schedules at the micro-batch count, so it is refused.
     """
     if op not in ("average", "sum"):
         raise ValueError(f"op must be 'average' or 'sum', got {op!r}")
     if compression not in ("none", "fp16"):
         raise ValueError(f"compression must be 'none' or 'fp16', got {compression!r}")
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError("accumulate gradients before apply() instead of "
+                         "gradient_accumulation_steps (see DistributedOptimizer's doc)")
     base = type(optimizer)
-    cls = type(f"Distributed{base.__name__}", (_AllreducedGradients, base), {})
-    config = optimizer.get_config()
-    if backward_passes_per_step > 1:
-        config["gradient_accumulation_steps"] = backward_passes_per_step
-    wrapped = cls.from_config(config)
-    wrapped.hvd_op = op
-    wrapped.hvd_compression = compression
-    return wrapped
+    optimizer.__class__ = type(f"Distributed{base.__name__}", (_AllreducedGradients, base), {})
+    optimizer.hvd_op = op
+    optimizer.hvd_compression = compression
+    return optimizer

@@ -1,4 +1,9 @@
-"""AdamW with LLaMA's schedule: linear warmup, then cosine decay to 10% of the peak."""
+"""AdamW with LLaMA's schedule: linear warmup, then cosine decay to 10% of the peak.
+
+For float16, a dynamic loss scale wraps it (keras.optimizers.LossScaleOptimizer): the loss is
+multiplied by the scale before the backward pass and the gradients divided by it before the
+update; a step whose gradients overflow is skipped and the scale halved.
+"""
 
 import math
 
@@ -34,9 +39,11 @@ def schedule(tc):
     return WarmupCosine(tc.learning_rate, tc.warmup_steps, tc.steps)
 
 
-def build(tc, lr_schedule):
-    """The paper's AdamW (beta2 0.95) for TrainConfig `tc`, before Horovod wraps it."""
-    return keras.optimizers.AdamW(
+def build(tc, lr_schedule, variables):
+    """The paper's AdamW (beta2 0.95) for TrainConfig `tc` over `variables`, before Horovod
+    wraps it. Norm scales and embeddings are left undecayed unless
+    train.decay_norms_and_embeddings is set."""
+    optimizer = keras.optimizers.AdamW(
         learning_rate=lr_schedule,
         beta_1=0.9,
         beta_2=0.95,
@@ -44,3 +51,15 @@ def build(tc, lr_schedule):
         weight_decay=tc.weight_decay,
         global_clipnorm=tc.clip_norm or None,
     )
+    if not tc.decay_norms_and_embeddings:
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in variables if not decays_by_default(v)])
+    if tc.precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def decays_by_default(variable):
+    """True for the dense kernels (attention and MLP); False for RMSNorm scales (1-D) and the
+    input and output embeddings."""
+    return len(variable.shape) > 1 and "embedding" not in variable.path

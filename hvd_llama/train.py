@@ -35,7 +35,7 @@ def main(argv=None):
             return 0
         # Imported only now, so that `--help` and config errors answer without TensorFlow.
         from hvd_llama import distributed, trainer
-        distributed.init()
+        distributed.init(cfg.dist, cfg.run.dir)
         trainer.run(cfg)
     except UserError as e:
         if args.debug:

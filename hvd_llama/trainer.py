@@ -1,12 +1,15 @@
 """The training loop, top to bottom: data, model, optimizer, restore, steps, checkpoints, export.
 
 Distributed touchpoints, each visible here: the optimizer is wrapped so gradients are averaged
-by Horovod allreduce (inside `optimizer.apply`); rank 0's weights and optimizer state are
-broadcast before the first step (`checkpoint.restore`); the logged loss is averaged over all
-processes; only rank 0 prints and writes files.
+by Horovod allreduce (inside `optimizer.apply`, once per optimizer step, after the
+micro-batches are accumulated); rank 0's weights and optimizer state are broadcast before the
+first step (`checkpoint.restore`); the logged loss is averaged over all processes; only rank 0
+prints and writes files.
 """
 
+import datetime
 import json
+import math
 import os
 import shutil
 import time
@@ -15,25 +18,52 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_llama import checkpoint, data, distributed as dist, export, model as model_lib, optim
-from hvd_llama import plan
+from hvd_llama import checkpoint, data, distributed as dist, export, hardware
+from hvd_llama import model as model_lib, optim, plan
 from hvd_llama import config as config_lib
 from hvd_llama.atomic import atomic_path, write_bytes
+from hvd_llama.errors import UserError
 
 
-def make_train_step(model, optimizer):
+def make_train_step(model, optimizer, jit_compile=False):
+    """One optimizer step over int32 [k, b, seq_len + 1]: k micro-batches of b sequences.
+
+    The forward and backward passes of the k micro-batches run in one function, compiled with
+    XLA when jit_compile is set; the allreduce and the update run outside it, so Horovod's ops
+    never need an XLA lowering. Returns (mean loss, global norm of the averaged gradients,
+    the learning rate this step used)."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_variables
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
 
-    @tf.function
-    def train_step(batch):  # int32 [b, seq_len + 1]
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # [b, seq_len] each, targets shifted by one
+    def micro_step(tokens, scale):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, seq_len] each, shifted by one
         with tf.GradientTape() as tape:
             logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
-                           training=True)  # [b, seq_len, vocab]
-            loss = loss_fn(targets, logits)  # mean over this process's b * seq_len tokens
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)  # allreduce-averaged, then applied
-        return loss
+                           training=True)  # [b, seq_len, vocab], in the compute dtype
+            loss = loss_fn(targets, tf.cast(logits, tf.float32))  # mean over b * seq_len
+            scaled_loss = loss * scale  # float16: lift small gradients above underflow
+        # The embedding's gradient comes as IndexedSlices; the accumulator and Horovod's
+        # allreduce want it dense.
+        return loss, [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
+
+    @tf.function(jit_compile=jit_compile)
+    def gradients(micro_batches, scale):
+        loss, grads = micro_step(micro_batches[0], scale)
+        for j in tf.range(1, tf.shape(micro_batches)[0]):  # a graph loop, not k copies
+            more_loss, more = micro_step(micro_batches[j], scale)
+            loss += more_loss
+            grads = [g + m for g, m in zip(grads, more)]
+        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
+        return loss / k, [g / k for g in grads]  # equal micro-batches: the mean of means
+
+    @tf.function
+    def train_step(micro_batches):
+        scale = tf.convert_to_tensor(optimizer.dynamic_scale) if scaled else tf.constant(1.0)
+        learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
+        loss, grads = gradients(micro_batches, scale)
+        norm = optimizer.apply(grads, variables)  # allreduce, clip, update (or skip)
+        return loss, norm / scale, learning_rate
 
     return train_step
 
@@ -46,7 +76,7 @@ def make_eval_step(model):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
                        training=False)
-        return loss_fn(targets, logits)
+        return loss_fn(targets, tf.cast(logits, tf.float32))
 
     return eval_step
 
@@ -54,8 +84,10 @@ def make_eval_step(model):
 def run(config):
     """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
     c, run_dir = config, config.run.dir
-    if not tf.config.list_physical_devices("GPU"):
-        plan.check_fits(c, dist.local_size())  # a clear refusal instead of running out of memory
+    micro = config_lib.micro_batch(c, dist.size())  # the same verdict on every rank
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if not on_gpu:
+        plan.check_fits(c, dist.size(), dist.local_size())  # refuse instead of running out
     resume_meta = checkpoint.check_run_dir(c)  # refuses bad run dirs before any compute
     if dist.is_chief():
         os.makedirs(run_dir, exist_ok=True)
@@ -67,39 +99,52 @@ def run(config):
     dataset = data.Prepared(path, c.model.vocab_size,
                             verify=c.data.verify and dist.local_rank() == 0)
     train_seqs = dataset.sequences("train", c.data.seq_len)
-    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), c.train.batch_size,
+    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), micro,
                                   c.train.eval_batches, dist.rank(), dist.size())
-    model = model_lib.build(c.model, seed=c.train.seed)
-    schedule = optim.schedule(c.train)
-    optimizer = dist.DistributedOptimizer(optim.build(c.train, schedule),
-                                          compression=c.dist.compression)
+    model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
+    optimizer = dist.DistributedOptimizer(
+        optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
+        compression=c.dist.compression)
     optimizer.build(model.trainable_variables)  # create its variables so they can be restored
     checkpoint.restore(resume_meta, model, optimizer)  # then broadcast from rank 0
     start = resume_meta["step"] if resume_meta else 0
     rows = resume_meta["rows"] if resume_meta else 0  # global sequences consumed so far
 
-    global_batch = c.train.batch_size * dist.size()
-    tokens_per_step = global_batch * c.data.seq_len
+    jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
+    peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
+    world = dist.world()
+    tokens_per_step = c.train.global_batch * c.data.seq_len
+    flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     if dist.is_chief():
-        print(f"hvd_llama: {dist.size()} process(es), controller {dist.controller()}",
-              flush=True)
+        print(f"hvd_llama: {world['size']} process(es) on {len(world['hosts'])} host(s) "
+              f"({', '.join(world['hosts'])}), controller {world['controller']}, "
+              f"tensor ops {world['tensor_ops']}", flush=True)
         for line in plan.describe(c, dist.size()):
             print(line, flush=True)
+        print(f"compute: {c.train.precision}, XLA {'on' if jit else 'off'}, remat "
+              f"{'on' if c.train.remat else 'off'}; peak {peak:.3g} TFLOP/s per process "
+              f"({peak_source})", flush=True)
         print(f"data: {path}: {train_seqs.n:,} sequences "
-              f"({c.train.steps * global_batch / max(train_seqs.n, 1):.2f} epochs), "
+              f"({c.train.steps * c.train.global_batch / max(train_seqs.n, 1):.2f} epochs), "
               f"{len(val)} validation batches; this run: steps {start + 1}..{c.train.steps}",
               flush=True)
 
-    batches = data.dataset(train_seqs, c.train.batch_size, c.train.seed, first_row=rows,
-                           steps=c.train.steps - start, rank=dist.rank(), size=dist.size())
-    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
-    metrics = _Metrics(run_dir, append=resume_meta is not None)
+    batches = data.dataset(train_seqs, micro, c.train.seed, first_row=rows,
+                           steps=c.train.steps - start, rank=dist.rank(), size=dist.size(),
+                           accum=c.train.grad_accum)
+    train_step, eval_step = make_train_step(model, optimizer, jit), make_eval_step(model)
+    metrics = _Metrics(run_dir, c.train.steps, append=resume_meta is not None)
     last = {"step": start, "loss": None}
+    skipped = 0
     t_log, steps_since_log = time.perf_counter(), 0
     for step, batch in enumerate(batches, start=start + 1):
-        loss = train_step(batch)
-        rows += global_batch
+        loss, grad_norm, learning_rate = train_step(batch)
+        rows += c.train.global_batch
         steps_since_log += 1
+        grad_norm = float(grad_norm)  # of the allreduced gradients: the same on every rank
+        if not math.isfinite(grad_norm):
+            skipped += 1
+            _nonfinite(c, optimizer, step, skipped)
         last_step = step == c.train.steps
         val_loss = None
         if val and c.train.eval_every and (step % c.train.eval_every == 0 or last_step):
@@ -110,11 +155,18 @@ def run(config):
         if step % c.train.log_every == 0 or last_step or val_loss is not None:
             loss = float(dist.allreduce_mean(loss))  # every rank joins; rank 0 reports
             now = time.perf_counter()
-            record = {"step": step, "loss": loss,
-                      "tokens_per_sec": steps_since_log * tokens_per_step / (now - t_log),
-                      "learning_rate": float(schedule(step - 1))}  # the rate this step used
+            seconds_per_step = (now - t_log) / steps_since_log
+            record = {"step": step, "loss": loss, "perplexity": _perplexity(loss),
+                      "learning_rate": float(learning_rate), "grad_norm": grad_norm,
+                      "tokens_per_sec": tokens_per_step / seconds_per_step,
+                      "mfu": flops_per_step / seconds_per_step / (peak * 1e12 * dist.size())
+                      if peak else 0.0,
+                      "eta_sec": (c.train.steps - step) * seconds_per_step,
+                      "skipped_steps": skipped}
+            if c.train.precision == "float16":
+                record["loss_scale"] = float(optimizer.dynamic_scale.numpy())
             if val_loss is not None:
-                record["val_loss"] = val_loss
+                record.update(val_loss=val_loss, val_perplexity=_perplexity(val_loss))
             metrics.write(record)
             last = {"step": step, "loss": loss}
             t_log, steps_since_log = now, 0
@@ -130,28 +182,49 @@ def run(config):
     return model, last
 
 
+def _nonfinite(c, optimizer, step, skipped):
+    """A step whose averaged gradients hold a NaN/Inf was not applied, on any rank (see
+    distributed.DistributedOptimizer). Stop, or go on, the same way on every rank."""
+    if c.train.precision == "float16" and float(optimizer.dynamic_scale.numpy()) >= 1.0:
+        return  # an overflow of the scaled loss: the halved scale is the cure
+    if c.train.on_nonfinite == "stop":
+        raise UserError(f"step {step}: the loss or its gradients are NaN/Inf; stopped before "
+                        f"applying it (the last checkpoint is intact; train.on_nonfinite=skip "
+                        f"skips such steps instead)")
+    if dist.is_chief():
+        print(f"step {step}: NaN/Inf gradients, step skipped ({skipped} so far)", flush=True)
+
+
+def _perplexity(loss):
+    return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+
+
 class _Metrics:
     """Rank 0's metrics.jsonl (one JSON object per logged step), TensorBoard and console."""
 
-    def __init__(self, run_dir, append):
-        self.on = dist.is_chief()
+    def __init__(self, run_dir, steps, append):
+        self.on, self.steps = dist.is_chief(), steps
         if self.on:
             self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a" if append else "w")
             self.tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
 
-    def write(self, record):
+    def write(self, r):
         if not self.on:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(r) + "\n")
         self.file.flush()
-        with self.tb.as_default(step=record["step"]):
-            for key, value in record.items():
+        with self.tb.as_default(step=r["step"]):
+            for key, value in r.items():
                 if key != "step":
                     tf.summary.scalar(key, value)
-        val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-        print(f"step {record['step']:6d}  loss {record['loss']:.4f}{val}  "
-              f"lr {record['learning_rate']:.2e}  {record['tokens_per_sec']:,.0f} tokens/s",
-              flush=True)
+        val = (f" | val_loss {r['val_loss']:.4f} ppl {r['val_perplexity']:,.1f}"
+               if "val_loss" in r else "")
+        skipped = f" | skipped {r['skipped_steps']}" if r["skipped_steps"] else ""
+        eta = datetime.timedelta(seconds=round(r["eta_sec"]))
+        print(f"step {r['step']}/{self.steps} | loss {r['loss']:.4f} | ppl {r['perplexity']:,.1f}"
+              f" | lr {r['learning_rate']:.2e} | gnorm {r['grad_norm']:.3f} | "
+              f"{r['tokens_per_sec']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | ETA {eta}"
+              f"{skipped}{val}", flush=True)
 
     def close(self):
         if self.on:

@@ -5,7 +5,7 @@
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
-        broadcast, gradient averaging (average/sum/fp16/backward_passes_per_step) and
+        broadcast, gradient averaging (average/sum/fp16), clipping, NaN/overflow skips and
         model.fit with the DistributedOptimizer; OUT/rank<r>.npz holds the arrays
 """
 
@@ -24,8 +24,9 @@ def weights(model):
 
 def train(out, overrides):
     from hvd_llama import config, distributed as dist, trainer
-    dist.init()
-    model, _ = trainer.run(config.load(TINY, overrides))
+    cfg = config.load(TINY, overrides)
+    dist.init(cfg.dist, cfg.run.dir)
+    model, _ = trainer.run(cfg)
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
 
 
@@ -35,7 +36,7 @@ def data(out, path):
     seqs = data_lib.Prepared(path).sequences("train", 16)
     batches = data_lib.dataset(seqs, batch_size=2, seed=5, first_row=0, steps=8,
                                rank=dist.rank(), size=dist.size())
-    np.save(os.path.join(out, f"rank{dist.rank()}.npy"), np.stack(list(batches)))
+    np.save(os.path.join(out, f"rank{dist.rank()}.npy"), np.stack([b[0] for b in batches]))
 
 
 def collectives(out):
@@ -68,25 +69,43 @@ def collectives(out):
     res["after_broadcast"] = np.concatenate([w.ravel() for w in weights(model)])
 
     # Gradients: SGD(lr=1) moves each weight by exactly minus the reduced gradient.
-    for name, kwargs, micro in [("average", {}, 1), ("sum", {"op": "sum"}, 1),
-                                ("fp16", {"compression": "fp16"}, 1),
-                                ("bpps2", {"backward_passes_per_step": 2}, 2)]:
+    for name, kwargs in [("average", {}), ("sum", {"op": "sum"}),
+                         ("fp16", {"compression": "fp16"})]:
         opt = dist.DistributedOptimizer(keras.optimizers.SGD(1.0), **kwargs)
         opt.build(model.trainable_variables)
         before = [v.numpy() for v in model.trainable_variables]
-        local = []
-        for i in range(micro):
-            g = grads_of(model, batch(100 * r + 10 * i))
-            local.append(g)
-            opt.apply([tf.constant(x) for x in g], model.trainable_variables)
-            if i < micro - 1:  # accumulating: no update yet
-                res[f"{name}_moved_early"] = np.array(
-                    [float(np.abs(v.numpy() - b).max())
-                     for v, b in zip(model.trainable_variables, before)])
-        res[f"{name}_local"] = np.concatenate(
-            [np.mean([g[j] for g in local], axis=0).ravel() for j in range(len(local[0]))])
+        g = grads_of(model, batch(100 * r))
+        opt.apply([tf.constant(x) for x in g], model.trainable_variables)
+        res[f"{name}_local"] = np.concatenate([x.ravel() for x in g])
         res[f"{name}_delta"] = np.concatenate(
             [(b - v.numpy()).ravel() for v, b in zip(model.trainable_variables, before)])
+
+    # Clipping acts on the average: rank 0 brings (4, 0), rank 1 (0, 0); their mean (2, 0)
+    # clips to (1, 0). Clipping each rank's own gradient first would give (0.5, 0).
+    def step(opt, grad, var):
+        if not opt.built:
+            opt.build([var])
+        before = var.numpy()
+        norm = opt.apply([tf.constant(grad, "float32")], [var])
+        return before - var.numpy(), float(norm)
+
+    res["clip_delta"], _ = step(dist.DistributedOptimizer(
+        keras.optimizers.SGD(1.0, global_clipnorm=1.0)), [4.0 - 4.0 * r, 0.0],
+        keras.Variable([0.0, 0.0]))
+
+    # A NaN on rank 1 alone: every rank skips the step. Then an ordinary step still works.
+    opt, var = dist.DistributedOptimizer(keras.optimizers.SGD(1.0)), keras.Variable([0.0, 0.0])
+    res["nan_delta"], res["nan_norm"] = step(opt, [1.0, np.nan if r else 1.0], var)
+    res["after_nan_delta"], _ = step(opt, [1.0, 2.0], var)
+
+    # float16 loss scaling: rank 1's scaled gradient overflows, so every rank skips the step
+    # and halves the scale; the next step's gradients are unscaled by the new scale.
+    opt = dist.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1.0), initial_scale=1024.0))
+    var = keras.Variable([0.0, 0.0])
+    res["overflow_delta"], _ = step(opt, [1024.0, np.inf if r else 1024.0], var)
+    res["overflow_scale"] = float(opt.dynamic_scale.numpy())
+    res["after_overflow_delta"], _ = step(opt, [512.0, 1024.0], var)
 
     # model.fit with the DistributedOptimizer, 3 steps on this rank's half of each global batch.
     fit_model = model_lib.build(cfg.model, seed=7)

@@ -11,10 +11,10 @@ def write(tmp_path, text):
 
 
 def test_defaults_then_yaml_then_cli(tmp_path):
-    path = write(tmp_path, "train:\n  steps: 7\n  batch_size: 3\nmodel:\n  num_layers: 2\n")
+    path = write(tmp_path, "train:\n  steps: 7\n  global_batch: 3\nmodel:\n  num_layers: 2\n")
     c = config.load(path, ["train.steps=9", "run.dir=x"])
     assert c.train.steps == 9  # CLI beats YAML
-    assert c.train.batch_size == 3  # YAML beats default
+    assert c.train.global_batch == 3  # YAML beats default
     assert c.model.num_layers == 2
     assert c.train.seed == config.TrainConfig().seed  # default where neither says
     assert c.run.dir == "x"
@@ -38,7 +38,7 @@ def test_frozen():
     (["train.steps=true"], "train.steps"),  # a bool is not an int here
     (["train.resume=1"], "train.resume"),
     (["train.steps=0"], "train.steps"),
-    (["train.batch_size=-1"], "train.batch_size"),
+    (["train.global_batch=-1"], "train.global_batch"),
     (["train.weight_decay=-0.1"], "train.weight_decay"),
     (["model.num_query_heads=6", "model.num_key_value_heads=4"], "model.num_query_heads"),
     (["dist.compression=int8"], "dist.compression"),

@@ -41,7 +41,7 @@ def test_paper_parameter_counts(name, billions):
     n = plan.param_count(c.model)
     assert math.floor(n / 1e8) / 10 == billions  # the paper truncates to 0.1B
     assert c.data.seq_len == 2048 and c.model.vocab_size == 32000
-    assert c.train.batch_size * 256 * c.data.seq_len == 4 * 1024 * 1024  # 4M tokens on 256
+    assert c.train.global_batch * c.data.seq_len == 4 * 1024 * 1024  # 4M tokens
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])

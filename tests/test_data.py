@@ -110,7 +110,18 @@ def test_resumed_pipeline_reads_what_an_uninterrupted_one_would(prepared):
     resumed = list(data.dataset(seqs, 2, seed=1, first_row=5 * 2, steps=4, rank=0, size=1))
     for a, b in zip(whole[5:], resumed):
         assert np.array_equal(a, b)
-    assert whole[0].shape == (2, 17) and whole[0].dtype == np.int32
+    assert whole[0].shape == (1, 2, 17) and whole[0].dtype == np.int32
+
+
+def test_an_accumulated_step_reads_the_same_global_batch(prepared):
+    """k micro-batches of b hold, in order, the one batch of k*b of the same step."""
+    out, _ = prepared
+    seqs = data.Prepared(out).sequences("train", 16)
+    micro = list(data.dataset(seqs, 2, seed=1, first_row=0, steps=4, rank=0, size=1, accum=3))
+    whole = list(data.dataset(seqs, 6, seed=1, first_row=0, steps=4, rank=0, size=1))
+    assert micro[0].shape == (3, 2, 17)
+    for m, w in zip(micro, whole):
+        assert np.array_equal(m.numpy().reshape(6, 17), w[0])
 
 
 def test_validation_batches_come_from_the_val_split(prepared):
@@ -130,7 +141,8 @@ def test_two_ranks_read_disjoint_halves_of_the_one_process_batch(prepared, tmp_p
          WORKER, "data", str(tmp_path), out])
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     seqs = data.Prepared(out).sequences("train", 16)
-    one = np.stack(list(data.dataset(seqs, 4, seed=5, first_row=0, steps=8, rank=0, size=1)))
+    one = np.stack([b[0] for b in data.dataset(seqs, 4, seed=5, first_row=0, steps=8, rank=0,
+                                               size=1)])
     assert np.array_equal(np.concatenate([r0, r1], axis=1), one)
 
 

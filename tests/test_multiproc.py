@@ -32,37 +32,46 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
-def train_args(out, cache_dir, batch_size):
+def train_args(out, cache_dir, *overrides):
+    """The tiny config for STEPS steps at global batch 8, whatever the process count."""
     return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
-            f"train.steps={STEPS}", f"train.batch_size={batch_size}", "train.log_every=1",
-            f"train.checkpoint_every={STEPS}"]
+            f"train.steps={STEPS}", "train.global_batch=8", "train.log_every=1",
+            f"train.checkpoint_every={STEPS}", *overrides]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, cache_dir):
     """The reference: 1 process x batch 8."""
     out = str(tmp_path_factory.mktemp("np1"))
-    run([sys.executable, *train_args(out, cache_dir, batch_size=8)])
+    run([sys.executable, *train_args(out, cache_dir)])
     return out
 
 
 @pytest.fixture(scope="module", params=CONTROLLERS)
 def two_processes(request, tmp_path_factory, cache_dir):
-    """2 processes x batch 4 under horovodrun with the given controller."""
+    """2 processes x batch 4 under horovodrun with the given controller, recording Horovod's
+    timeline."""
     out = str(tmp_path_factory.mktemp(f"np2-{request.param}"))
-    proc = horovodrun(request.param, train_args(out, cache_dir, batch_size=4))
+    proc = horovodrun(request.param, train_args(out, cache_dir, "dist.timeline=timeline.json"))
     return request.param, out, proc.stdout
 
 
 def test_two_processes_train_like_one_with_twice_the_batch(one_process, two_processes):
     controller, out, stdout = two_processes
-    assert f"controller {controller}" in stdout
-    assert "4 seq/process x 2 process(es) = 8 sequences = 2,048 tokens" in stdout
+    assert "2 process(es) on 1 host(s)" in stdout and f"controller {controller}" in stdout
+    assert "8 sequences = 2,048 tokens = 2 process(es) x 1 micro-batch(es) x 4" in stdout
     np.testing.assert_allclose(losses(out), losses(one_process), rtol=1e-5)
     assert len(losses(out)) == STEPS
     single = arrays(os.path.join(one_process, "rank0.npz"))
     for a, b in zip(arrays(os.path.join(out, "rank0.npz")), single):
         assert rel_err(a, b) < 1e-5
+
+
+def test_horovod_timeline_records_the_allreduces(two_processes):
+    _, out, _ = two_processes
+    with open(os.path.join(out, "run", "timeline.json")) as f:
+        trace = f.read()
+    assert "ALLREDUCE" in trace
 
 
 def test_parameters_are_bitwise_identical_on_both_ranks(two_processes):
@@ -94,7 +103,6 @@ def test_broadcast_gives_every_rank_rank0s_weights(collectives):
 
 @pytest.mark.parametrize("variant, reduce, rtol", [
     ("average", np.mean, 1e-6), ("sum", np.sum, 1e-6), ("fp16", np.mean, 2e-3),
-    ("bpps2", np.mean, 1e-6),
 ])
 def test_applied_gradient_is_the_reduction_of_local_gradients(collectives, variant, reduce,
                                                               rtol):
@@ -103,9 +111,25 @@ def test_applied_gradient_is_the_reduction_of_local_gradients(collectives, varia
     assert not np.allclose(local[0], local[1]), "ranks should see different data"
     for r in collectives:
         assert rel_err(r[f"{variant}_delta"], expected) < rtol
-    if variant == "bpps2":  # the first micro-batch only accumulates
-        for r in collectives:
-            assert r["bpps2_moved_early"].max() == 0.0
+
+
+def test_clipping_acts_on_the_averaged_gradient(collectives):
+    for r in collectives:  # mean (2, 0) clipped to norm 1; per-rank clipping would give 0.5
+        np.testing.assert_allclose(r["clip_delta"], [1.0, 0.0], rtol=1e-6)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(collectives):
+    for r in collectives:
+        assert np.isnan(r["nan_norm"])
+        assert np.array_equal(r["nan_delta"], [0.0, 0.0])
+        np.testing.assert_allclose(r["after_nan_delta"], [1.0, 2.0])
+
+
+def test_loss_scale_overflow_on_one_rank_skips_the_step_on_every_rank(collectives):
+    for r in collectives:
+        assert np.array_equal(r["overflow_delta"], [0.0, 0.0])
+        assert r["overflow_scale"] == 512.0
+        np.testing.assert_allclose(r["after_overflow_delta"], [1.0, 2.0])
 
 
 def test_model_fit_with_distributed_optimizer(collectives, collectives_one):
@@ -140,7 +164,7 @@ def test_plain_mpirun_runs_the_same_command(tmp_path, cache_dir):
                 sys.executable, "-m", "hvd_llama.train", "--config", TINY, f"run.dir={run_dir}",
                 f"data.cache_dir={cache_dir}", "train.steps=2", "train.log_every=1",
                 "train.checkpoint_every=2"])
-    assert "2 process(es), controller mpi" in proc.stdout
+    assert "2 process(es) on 1 host(s)" in proc.stdout and "controller mpi" in proc.stdout
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step-00000002"))

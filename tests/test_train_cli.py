@@ -117,7 +117,7 @@ def assert_one_line_error(proc, *fragments):
 @pytest.mark.parametrize("args, fragment", [
     (["train.bogus=1"], "train.bogus"),
     (["train.steps=many"], "train.steps"),
-    (["train.batch_size=0"], "train.batch_size"),
+    (["train.global_batch=0"], "train.global_batch"),
     (["data.path=/no/such/dataset"], "/no/such/dataset"),
 ])
 def test_bad_config_is_one_line(args, fragment):

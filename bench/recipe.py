@@ -1,0 +1,88 @@
+"""Recipe benchmark, all measured in one run on this machine, one process per variant:
+
+  configs/small.yaml (33.5M parameters, global batch 8 x 512 tokens, one process) in float32
+  and bfloat16, with and without train.remat: tokens/s, MFU against this CPU's matmul peak
+  at the same dtype (measured here too), and peak memory (RSS) of the training steps over the
+  RSS after the model and optimizer were built. Ratios are against float32 without remat.
+
+    .venv/bin/python bench/recipe.py [--steps 3] [--json]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = os.path.join(HERE, os.pardir, "configs", "small.yaml")
+VARIANTS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+
+
+def rss_gib():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 2 ** 20
+
+
+def one(precision, remat, steps):
+    """In a fresh process: this variant's tokens/s and memory."""
+    from hvd_llama import config, distributed as dist, hardware
+    from steps import train_tokens_per_s
+    dist.init()
+    c = config.load(SMALL, [f"train.precision={precision}", f"train.remat={str(remat).lower()}"])
+    base = rss_gib()  # TensorFlow loaded; nothing built yet
+    tokens_per_s = train_tokens_per_s(c, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return {"precision": precision, "remat": remat, "tokens_per_s": tokens_per_s,
+            "peak_over_base_gib": peak - base,
+            "matmul_peak_tflops": hardware.measure_matmul_tflops(precision)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("PRECISION", "REMAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], args.one[1] == "True", args.steps)))
+        return
+    from hvd_llama import config, plan
+    c = config.load(SMALL)
+    flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
+    rows = []
+    for precision, remat in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one",
+                              precision, str(remat)], check=True, capture_output=True,
+                             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / (r["matmul_peak_tflops"] * 1e12)
+        cc = config.load(SMALL, [f"train.precision={precision}",
+                                 f"train.remat={str(remat).lower()}"])
+        r["plan_activations_gib"] = plan.memory_per_process(cc, 1)["activations"] / plan.GIB
+        rows.append(r)
+    ref = rows[0]
+    for r in rows:
+        r["speed_vs_fp32"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["memory_vs_fp32"] = r["peak_over_base_gib"] / ref["peak_over_base_gib"]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"configs/small.yaml, 1 process, {os.cpu_count()} CPUs, {args.steps} timed steps; "
+          f"{flops_per_token / 1e9:.3f} GFLOP per token")
+    print("| precision | remat | tokens/s | x fp32 | matmul peak TFLOP/s | MFU | "
+          "peak RSS over base GiB | x fp32 | --dry-run activations GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['precision']} | {'on' if r['remat'] else 'off'} | "
+              f"{r['tokens_per_s']:,.0f} | {r['speed_vs_fp32']:.2f} | "
+              f"{r['matmul_peak_tflops']:.3f} | {100 * r['mfu']:.1f}% | "
+              f"{r['peak_over_base_gib']:.2f} | {r['memory_vs_fp32']:.2f} | "
+              f"{r['plan_activations_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
