@@ -1,6 +1,7 @@
 # make train   set up what is missing, then train configs/tiny.yaml under horovodrun -np 2 on the CPU
 # make test    set up what is missing, then lint and run the whole test suite
 # make bench-data  prepare and loader throughput against training configs/small.yaml
+# make bench-recipe  configs/small.yaml in fp32/bf16, remat, XLA: tokens/s, MFU, memory
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
 
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.setup-done
 NP ?= 2
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data clean
+.PHONY: setup train test lint bench-data bench-recipe clean
 
 setup: $(STAMP)
 
@@ -32,13 +33,16 @@ train: setup
 		$(PY) -m hvd_llama.train --config configs/tiny.yaml run.dir=$(RUN_DIR)
 
 lint: setup
-	$(PY) -m flake8 hvd_llama tests
+	$(PY) -m flake8 hvd_llama tests bench
 
 test: lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
 
 bench-data: setup
 	$(PY) bench/data_throughput.py
+
+bench-recipe: setup
+	$(PY) bench/recipe.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

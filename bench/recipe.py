@@ -1,11 +1,11 @@
 """Recipe benchmark, all measured in one run on this machine, one process per variant:
 
   configs/small.yaml (33.5M parameters, global batch 8 x 512 tokens, one process) in float32
-  and bfloat16, with and without train.remat: tokens/s, MFU against this CPU's matmul peak
-  at the same dtype (measured here too), and peak memory (RSS) of the training steps over the
-  RSS after the model and optimizer were built. Ratios are against float32 without remat.
+  and bfloat16, with and without train.remat, and float32 under XLA: tokens/s, MFU against
+  this CPU's matmul peak at the same dtype (measured here too), and peak memory (RSS) of the
+  training steps over the RSS before the model was built. Ratios are against float32 alone.
 
-    .venv/bin/python bench/recipe.py [--steps 3] [--json]
+    .venv/bin/python bench/recipe.py [--steps 4] [--json]
 """
 
 import argparse
@@ -17,7 +17,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = os.path.join(HERE, os.pardir, "configs", "small.yaml")
-VARIANTS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+VARIANTS = [("float32", False, False), ("float32", True, False), ("bfloat16", False, False),
+            ("bfloat16", True, False), ("float32", False, True)]  # precision, remat, XLA
 
 
 def rss_gib():
@@ -26,16 +27,16 @@ def rss_gib():
     return kib / 2 ** 20
 
 
-def one(precision, remat, steps):
+def one(precision, remat, jit, steps):
     """In a fresh process: this variant's tokens/s and memory."""
     from hvd_llama import config, distributed as dist, hardware
     from steps import train_tokens_per_s
     dist.init()
     c = config.load(SMALL, [f"train.precision={precision}", f"train.remat={str(remat).lower()}"])
     base = rss_gib()  # TensorFlow loaded; nothing built yet
-    tokens_per_s = train_tokens_per_s(c, steps)
+    tokens_per_s = train_tokens_per_s(c, steps, jit_compile=jit)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return {"precision": precision, "remat": remat, "tokens_per_s": tokens_per_s,
+    return {"precision": precision, "remat": remat, "xla": jit, "tokens_per_s": tokens_per_s,
             "peak_over_base_gib": peak - base,
             "matmul_peak_tflops": hardware.measure_matmul_tflops(precision)}
 
@@ -43,20 +44,21 @@ def one(precision, remat, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--one", nargs=2, metavar=("PRECISION", "REMAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # PRECISION REMAT XLA
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1] == "True", args.steps)))
+        print(json.dumps(one(args.one[0], args.one[1] == "True", args.one[2] == "True",
+                             args.steps)))
         return
     from hvd_llama import config, plan
     c = config.load(SMALL)
     flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
     rows = []
-    for precision, remat in VARIANTS:
+    for precision, remat, jit in VARIANTS:
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one",
-                              precision, str(remat)], check=True, capture_output=True,
+                              precision, str(remat), str(jit)], check=True, capture_output=True,
                              text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (r["matmul_peak_tflops"] * 1e12)
@@ -73,11 +75,12 @@ def main():
         return
     print(f"configs/small.yaml, 1 process, {os.cpu_count()} CPUs, {args.steps} timed steps; "
           f"{flops_per_token / 1e9:.3f} GFLOP per token")
-    print("| precision | remat | tokens/s | x fp32 | matmul peak TFLOP/s | MFU | "
+    print("| precision | remat | XLA | tokens/s | x fp32 | matmul peak TFLOP/s | MFU | "
           "peak RSS over base GiB | x fp32 | --dry-run activations GiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['precision']} | {'on' if r['remat'] else 'off'} | "
+              f"{'on' if r['xla'] else 'off'} | "
               f"{r['tokens_per_s']:,.0f} | {r['speed_vs_fp32']:.2f} | "
               f"{r['matmul_peak_tflops']:.3f} | {100 * r['mfu']:.1f}% | "
               f"{r['peak_over_base_gib']:.2f} | {r['memory_vs_fp32']:.2f} | "

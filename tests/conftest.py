@@ -48,6 +48,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def short(cache_dir):
-    """Overrides for a short tiny run: 6 steps, logged every step, checkpoints at 3 and 6."""
-    return [f"data.cache_dir={cache_dir}", "train.steps=6", "train.log_every=1",
-            "train.checkpoint_every=3"]
+    """Overrides for a short tiny run: 6 steps of 4 sequences, logged every step, checkpoints
+    at 3 and 6."""
+    return [f"data.cache_dir={cache_dir}", "train.steps=6", "train.global_batch=4",
+            "train.log_every=1", "train.checkpoint_every=3"]

@@ -106,6 +106,17 @@ def test_dry_run_refuses_a_process_count_the_batch_does_not_divide():
     assert "'train.global_batch' 8 does not divide into 3 process(es)" in proc.stderr
 
 
+def test_a_launch_the_global_batch_does_not_divide_stops_every_rank(tmp_path, cache_dir):
+    proc = horovodrun("gloo", ["-m", "hvd_llama.train", "--config", TINY,
+                               f"run.dir={tmp_path / 'r'}", f"data.cache_dir={cache_dir}",
+                               "train.global_batch=3"], check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+              if "'train.global_batch' 3 does not divide into 2 process(es)" in line]
+    assert errors and all(re.match(r"^\[\d\]<stderr>:error \(rank \d\): ", e) for e in errors)
+    assert not os.path.exists(tmp_path / "r")
+
+
 def test_dry_run_memory_follows_precision_and_remat():
     c = config.load(os.path.join(REPO, "configs", "llama-7b.yaml"))
     act = {}

@@ -42,12 +42,30 @@ def test_train_leaves_a_complete_run_dir(trained):
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
     assert all(r["tokens_per_sec"] > 0 for r in m)
     assert m[-1]["loss"] < m[0]["loss"] - 0.3, "loss did not fall"
-    assert "= 4 sequences = 1,024 tokens" in stdout  # the batch arithmetic: 4 x 256 x 1
+    assert "global batch: 4 sequences = 1,024 tokens = 1 process(es)" in stdout
+    progress = [line for line in stdout.splitlines() if line.startswith("step 6/6 | loss ")]
+    assert len(progress) == 1
+    for field in ("| ppl ", "| lr ", "| gnorm ", " tok/s | MFU ", "% | ETA 0:00:00",
+                  "| val_loss "):
+        assert field in progress[0], field
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [
         "step-00000003", "step-00000006"]
     for name in ("config.yaml", "tokenizer.model", "saved_model/saved_model.pb"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert not [n for n in os.listdir(run_dir) if ".partial" in n or ".old" in n]
+
+
+def test_tensorboard_holds_the_progress_scalars(trained):
+    import tensorflow as tf
+    run_dir, _ = trained
+    tags = set()
+    tb = os.path.join(run_dir, "tensorboard")
+    for name in os.listdir(tb):
+        for record in tf.data.TFRecordDataset(os.path.join(tb, name)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(v.tag for v in event.summary.value)
+    assert {"loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "mfu",
+            "eta_sec", "val_loss", "val_perplexity"} <= tags
 
 
 SERVE = """
