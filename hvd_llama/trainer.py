@@ -111,7 +111,9 @@ def run(config):
     rows = resume_meta["rows"] if resume_meta else 0  # global sequences consumed so far
 
     jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
+    dist.barrier()  # a CPU's peak is measured: with every process measuring at once, each
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
+    peak = float(dist.allreduce_mean(peak))  # sees its share of the cores, and all agree
     world = dist.world()
     tokens_per_step = c.train.global_batch * c.data.seq_len
     flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
