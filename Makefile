@@ -2,6 +2,7 @@
 # make test    set up what is missing, then lint and run the whole test suite
 # make bench-data  prepare and loader throughput against training configs/small.yaml
 # make bench-recipe  configs/small.yaml in fp32/bf16, remat, XLA: tokens/s, MFU, memory
+# make bench-serving  generation latency with/without the KV cache; import-hf of a 1 GB checkpoint
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
 
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.setup-done
 NP ?= 2
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data bench-recipe clean
+.PHONY: setup train test lint bench-data bench-recipe bench-serving clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,9 @@ bench-data: setup
 
 bench-recipe: setup
 	$(PY) bench/recipe.py
+
+bench-serving: setup
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

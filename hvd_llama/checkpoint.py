@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from hvd_llama import distributed as dist
 from hvd_llama.atomic import atomic_path, remove
-from hvd_llama.errors import UserError
+from hvd_llama.errors import UserError, read_json
 
 KEEP = 3  # most recent checkpoints kept on disk
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -72,20 +72,30 @@ def _check(config):
         raise UserError(f"{path}: checkpoint was trained with data.seq_len={meta.get('seq_len')},"
                         f" the config says {config.data.seq_len}")
     # float16 adds a loss scale to the optimizer state; the other two share one layout.
-    if (meta.get("precision") == "float16") != (config.train.precision == "float16"):
+    if not meta.get("weights_only") and \
+            (meta.get("precision") == "float16") != (config.train.precision == "float16"):
         raise UserError(f"{path}: checkpoint was trained with train.precision="
                         f"{meta.get('precision')}, the config says {config.train.precision}")
     meta["path"] = path
     return meta
 
 
+def load_latest(run_dir):
+    """(config, float32 model, checkpoint path) of the newest checkpoint in run_dir: weights
+    only, for exporting and converting."""
+    from hvd_llama import config as config_lib, model as model_lib
+    cfg = config_lib.load(os.path.join(run_dir, "config.yaml"))
+    path = latest(run_dir)
+    if path is None:
+        raise UserError(f"{directory(run_dir)}: no checkpoint")
+    model = model_lib.build(cfg.model, seed=0)
+    tf.train.Checkpoint(model=model).read(os.path.join(path, "ckpt")).expect_partial()
+    return cfg, model, path
+
+
 def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e})") from e
+    meta = read_json(meta_path, "checkpoint metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise UserError(f"{meta_path}: checkpoint metadata lacks an integer 'step'")
     return meta
@@ -99,7 +109,11 @@ def restore(meta, model, optimizer):
     if meta is not None and dist.is_chief():
         prefix = os.path.join(meta["path"], "ckpt")
         try:
-            tf.train.Checkpoint(model=model, optimizer=optimizer).read(prefix).assert_consumed()
+            if meta.get("weights_only"):
+                tf.train.Checkpoint(model=model).read(prefix).assert_existing_objects_matched()
+            else:
+                tf.train.Checkpoint(model=model, optimizer=optimizer).read(prefix)\
+                    .assert_consumed()
         except (tf.errors.OpError, AssertionError, ValueError) as e:
             raise UserError(f"{meta['path']}: cannot restore checkpoint "
                             f"({str(e).splitlines()[0]})") from e
@@ -107,16 +121,20 @@ def restore(meta, model, optimizer):
     dist.broadcast_variables(model.variables + optimizer.variables)
 
 
-def save(config, step, rows, model, optimizer):
-    """Rank 0 writes checkpoint `step` (rows = global sequences consumed so far)."""
+def save(config, step, rows, model, optimizer=None):
+    """Rank 0 writes checkpoint `step` (rows = global sequences consumed so far). Without an
+    optimizer it holds the weights alone (an import): training resumes them with a fresh
+    optimizer."""
     if not dist.is_chief():
         return
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
+    objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     with atomic_path(final) as tmp:
         os.makedirs(tmp)
-        tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(tmp, "ckpt"))
+        tf.train.Checkpoint(**objects).write(os.path.join(tmp, "ckpt"))
         meta = {"step": step, "rows": rows, "seq_len": config.data.seq_len,
-                "precision": config.train.precision, "model": dataclasses.asdict(config.model)}
+                "precision": config.train.precision, "weights_only": optimizer is None,
+                "model": dataclasses.asdict(config.model)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
     for old in sorted(_steps(config.run.dir))[:-KEEP]:

@@ -31,6 +31,8 @@ class ModelConfig:
     intermediate_dim: int = 688  # SwiGLU inner size
     rope_max_wavelength: float = 10000.0  # RoPE base (theta)
     layer_norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # one matrix for the input and output embeddings
+    max_position_embeddings: int = 2048  # context length: longest sequence trained or generated
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def load(path=None, overrides=()):
         section, name = key.split(".", 1)
         _merge(tree, {section: {name: yaml.safe_load(text)}}, source="command line")
     config = Config(**{name: _section_type(name)(**values) for name, values in tree.items()})
-    _validate(config)
+    validate(config)
     return config
 
 
@@ -184,7 +186,8 @@ def _coerce(key, value, typ, source):
     raise UserError(f"{source}: '{key}' must be {typ.__name__}, got {value!r}")
 
 
-def _validate(c):
+def validate(c):
+    """A UserError naming the first key whose value is out of range or inconsistent."""
     positive = {
         "model.vocab_size": c.model.vocab_size, "model.num_layers": c.model.num_layers,
         "model.num_query_heads": c.model.num_query_heads,
@@ -192,6 +195,7 @@ def _validate(c):
         "model.hidden_dim": c.model.hidden_dim, "model.intermediate_dim": c.model.intermediate_dim,
         "model.rope_max_wavelength": c.model.rope_max_wavelength,
         "model.layer_norm_epsilon": c.model.layer_norm_epsilon,
+        "model.max_position_embeddings": c.model.max_position_embeddings,
         "data.seq_len": c.data.seq_len, "train.steps": c.train.steps,
         "train.global_batch": c.train.global_batch, "train.grad_accum": c.train.grad_accum,
         "train.learning_rate": c.train.learning_rate,
@@ -217,6 +221,9 @@ def _validate(c):
     if c.model.hidden_dim % c.model.num_query_heads:
         raise UserError("'model.hidden_dim' must be a multiple of 'model.num_query_heads'"
                         f" ({c.model.hidden_dim} vs {c.model.num_query_heads})")
+    if c.data.seq_len > c.model.max_position_embeddings:
+        raise UserError(f"'data.seq_len' {c.data.seq_len} exceeds the model's context, "
+                        f"'model.max_position_embeddings' {c.model.max_position_embeddings}")
     if c.model.vocab_size > 65535:
         raise UserError(f"'model.vocab_size' must be <= 65535 (uint16 tokens), got "
                         f"{c.model.vocab_size}")

@@ -19,7 +19,6 @@ an uninterrupted one would.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from hvd_llama import corpus, prepare, tokenizer
 from hvd_llama.atomic import write_bytes
-from hvd_llama.errors import UserError
+from hvd_llama.errors import UserError, read_json
 from hvd_llama.launcher import launched
 
 
@@ -65,11 +64,7 @@ class Prepared:
         if not os.path.isfile(manifest_path):
             raise UserError(f"{path}: not a prepared dataset (no manifest.json; "
                             "an interrupted prepare?)")
-        try:
-            with open(manifest_path) as f:
-                self.manifest = m = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{manifest_path}: unreadable ({e})") from e
+        self.manifest = m = read_json(manifest_path, "manifest")
         if not isinstance(m, dict) or m.get("format") != "hvd_llama.tokens/1":
             raise UserError(f"{manifest_path}: not a hvd_llama.tokens/1 manifest")
         if vocab_size is not None and m["vocab_size"] != vocab_size:

@@ -4,6 +4,17 @@ The CLI turns it into a one-line message and a non-zero exit; anything else is a
 its traceback.
 """
 
+import json
+
 
 class UserError(Exception):
     """Bad config, data, checkpoint or launch: the message names the key, file or rank."""
+
+
+def read_json(path, what):
+    """The JSON document at `path`; a UserError naming the file (and `what` it should be)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable {what} ({e})") from e

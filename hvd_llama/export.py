@@ -1,9 +1,26 @@
-"""SavedModel export with an explicit serving signature, for TF Serving or tf.saved_model.load.
+"""SavedModel export in TF Serving's layout (DIR/<version>/), with explicit signatures:
 
     serving_default(token_ids: int32 [batch, seq], padding_mask: int32 [batch, seq])
         -> {"logits": float32 [batch, seq, vocab]}
+    generate(token_ids: int32 [batch, prompt] right-padded, lengths: int32 [batch],
+             max_new_tokens: int32, temperature: float32 (0 = greedy), top_p: float32,
+             seed: int64)
+        -> {"token_ids": int32 [batch, prompt + max_new_tokens], "lengths": int32 [batch]}
+    generate_text(prompts: string [batch], max_new_tokens, temperature, top_p, seed)
+        -> {"text": string [batch]}
 
-    python -m hvd_llama.export RUN_DIR [--output DIR]   # from the run's latest checkpoint
+generate runs the whole sampling loop in the graph with a key/value cache (generate.py).
+generate_text carries the sentencepiece model inside the graph (tensorflow-text), so a client
+needs TensorFlow and tensorflow-text but no Python tokenizer and no hvd_llama. Stock TF
+Serving and saved_model_cli cannot load tensorflow-text's ops, so generate_text goes into a
+second SavedModel, DIR_text/<version>/ (with the other two signatures as well), written
+when the run has a tokenizer.model.
+
+    python -m hvd_llama.export RUN_DIR [--output DIR] [--version N] [--overwrite]
+
+writes the run's latest checkpoint to DIR/N and DIR_text/N (default DIR RUN_DIR/saved_model,
+N one past the highest version there). An existing version is refused unless --overwrite,
+and replaced only once the new one is complete.
 """
 
 import argparse
@@ -13,27 +30,77 @@ import sys
 import keras
 import tensorflow as tf
 
-from hvd_llama import checkpoint, config as config_lib, model as model_lib
+from hvd_llama import checkpoint, generate
 from hvd_llama.atomic import atomic_path
 from hvd_llama.errors import UserError
+from hvd_llama.tokenizer import EOS_ID
 
-_SPEC = [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-         tf.TensorSpec([None, None], tf.int32, name="padding_mask")]
+_LOGITS_SPEC = [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                tf.TensorSpec([None, None], tf.int32, name="padding_mask")]
+_SAMPLING_SPEC = [tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+                  tf.TensorSpec([], tf.float32, name="temperature"),
+                  tf.TensorSpec([], tf.float32, name="top_p"),
+                  tf.TensorSpec([], tf.int64, name="seed")]
+_GENERATE_SPEC = [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                  tf.TensorSpec([None], tf.int32, name="lengths")] + _SAMPLING_SPEC
+_TEXT_SPEC = [tf.TensorSpec([None], tf.string, name="prompts")] + _SAMPLING_SPEC
 
 
-def export(model, path):
-    """Write `model` as a SavedModel at `path`; an existing export is replaced only on success."""
-    archive = keras.export.ExportArchive()
-    archive.track(model)
+def next_version(directory):
+    """One past the highest numeric version under `directory` or `directory`_text (1 if
+    none), so that the two SavedModels of one export share their version."""
+    versions = [int(n) for d in (directory, f"{directory}_text") if os.path.isdir(d)
+                for n in os.listdir(d) if n.isdigit()]
+    return max(versions, default=0) + 1
 
-    def serve(token_ids, padding_mask):
-        logits = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
-        return {"logits": tf.cast(logits, tf.float32)}
 
-    archive.add_endpoint("serving_default", serve, input_signature=_SPEC)
-    with atomic_path(path) as tmp:
-        archive.write_out(tmp, verbose=False)
-    return path
+def export(model, directory, version, context, tokenizer_path=None, overwrite=False):
+    """Write DIRECTORY/VERSION with serving_default and generate, TensorFlow ops only (what TF
+    Serving and saved_model_cli load), and, given a tokenizer, DIRECTORY_text/VERSION with
+    generate_text as well (loading it needs tensorflow-text's ops). Generation refuses to run
+    past `context` tokens (model.max_position_embeddings). Returns the paths written."""
+    targets = [(os.path.join(directory, str(version)), False)]
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+        targets.append((os.path.join(f"{directory}_text", str(version)), True))
+    for path, _ in targets:
+        if os.path.exists(path) and not overwrite:
+            raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+    for path, with_text in targets:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+
+        def serve(token_ids, padding_mask):
+            logits = model({"token_ids": token_ids, "padding_mask": padding_mask},
+                           training=False)
+            return {"logits": tf.cast(logits, tf.float32)}
+
+        archive.add_endpoint("serving_default", serve, input_signature=_LOGITS_SPEC)
+        generate_fn = generate.make_generate(model, context)
+        archive.add_endpoint("generate", generate_fn, input_signature=_GENERATE_SPEC)
+        if with_text:
+            _add_text_endpoint(archive, generate_fn, tokenizer_path)
+        with atomic_path(path) as tmp:
+            archive.write_out(tmp, verbose=False)
+    return [path for path, _ in targets]
+
+
+def _add_text_endpoint(archive, generate_fn, tokenizer_path):
+    import tensorflow_text as tf_text
+    with open(tokenizer_path, "rb") as f:
+        sp = tf_text.SentencepieceTokenizer(model=f.read(), add_bos=True)
+    archive.track(sp)  # its model is a resource the SavedModel must carry
+
+    def generate_text(prompts, max_new_tokens, temperature, top_p, seed):
+        ids = sp.tokenize(prompts)  # ragged [batch, (tokens)], <s> first
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        out = generate_fn(ids.to_tensor(), lengths, max_new_tokens, temperature, top_p, seed)
+        tokens = out["token_ids"]
+        position = tf.range(tf.shape(tokens)[1])[tf.newaxis]
+        new = (position >= lengths[:, tf.newaxis]) & \
+            (position < out["lengths"][:, tf.newaxis]) & (tokens != EOS_ID)
+        return {"text": sp.detokenize(tf.ragged.boolean_mask(tokens, new))}
+
+    archive.add_endpoint("generate_text", generate_text, input_signature=_TEXT_SPEC)
 
 
 def main(argv=None):
@@ -41,19 +108,19 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--output", help="default: RUN_DIR/saved_model")
+    parser.add_argument("--version", type=int, help="default: one past the highest there")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
     args = parser.parse_args(argv)
     try:
-        cfg = config_lib.load(os.path.join(args.run_dir, "config.yaml"))
-        path = checkpoint.latest(args.run_dir)
-        if path is None:
-            raise UserError(f"{checkpoint.directory(args.run_dir)}: no checkpoint to export")
-        model = model_lib.build(cfg.model, seed=0)
-        tf.train.Checkpoint(model=model).read(os.path.join(path, "ckpt")).expect_partial()
-        out = export(model, args.output or os.path.join(args.run_dir, "saved_model"))
+        cfg, model, path = checkpoint.load_latest(args.run_dir)
+        directory = args.output or os.path.join(args.run_dir, "saved_model")
+        version = args.version if args.version is not None else next_version(directory)
+        out = export(model, directory, version, cfg.model.max_position_embeddings,
+                     os.path.join(args.run_dir, "tokenizer.model"), args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {path} -> {out}")
+    print(f"exported {path} -> {', '.join(out)}")
     return 0
 
 

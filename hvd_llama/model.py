@@ -24,6 +24,7 @@ def build(mc, seed, precision="float32", remat=False):
         intermediate_dim=mc.intermediate_dim,
         rope_max_wavelength=mc.rope_max_wavelength,
         layer_norm_epsilon=mc.layer_norm_epsilon,
+        tie_word_embeddings=mc.tie_word_embeddings,
         dtype=POLICIES[precision],
     )
     if remat:

@@ -12,19 +12,20 @@ GIB = 1 << 30
 
 
 def param_count(mc):
-    """Exact parameter count of keras-hub's LlamaCausalLM (untied input/output embeddings)."""
+    """Exact parameter count of keras-hub's LlamaCausalLM."""
     d, head_dim = mc.hidden_dim, mc.hidden_dim // mc.num_query_heads
     attention = 2 * d * d + 2 * d * head_dim * mc.num_key_value_heads  # q, o; k, v
     mlp = 3 * d * mc.intermediate_dim  # SwiGLU: gate, up, down
     block = attention + mlp + 2 * d  # + two RMSNorm scales
-    return 2 * mc.vocab_size * d + mc.num_layers * block + d  # + the final RMSNorm
+    embeddings = (1 if mc.tie_word_embeddings else 2) * mc.vocab_size * d
+    return embeddings + mc.num_layers * block + d  # + the final RMSNorm
 
 
 def flops_per_token(mc, seq_len):
     """Training FLOPs per token: 6 x the parameters a token passes through (all but the input
     embedding, a lookup) for forward + backward matmuls, plus 12 x layers x d x seq_len for the
     attention scores and their use (PaLM's accounting, causal mask not discounted)."""
-    dense = param_count(mc) - mc.vocab_size * mc.hidden_dim
+    dense = param_count(mc) - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_dim)
     return 6 * dense + 12 * mc.num_layers * mc.hidden_dim * seq_len
 
 

@@ -176,7 +176,9 @@ def run(config):
             checkpoint.save(c, step, rows, model, optimizer)
 
     if dist.is_chief():
-        path = export.export(model, os.path.join(run_dir, "saved_model"))
+        exports = os.path.join(run_dir, "saved_model")  # TF Serving's <dir>/<version>/
+        path = export.export(model, exports, export.next_version(exports),
+                             c.model.max_position_embeddings, dataset.tokenizer_path)[0]
         with atomic_path(os.path.join(run_dir, "tokenizer.model")) as tmp:
             shutil.copyfile(dataset.tokenizer_path, tmp)
         print(f"done: step {last['step']}, loss {last['loss']}; exported {path}", flush=True)
