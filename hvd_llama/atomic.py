@@ -9,6 +9,13 @@ import os
 import shutil
 
 
+def refuse_existing(path, overwrite):
+    """An existing target is replaced only when asked: a UserError otherwise."""
+    from hvd_llama.errors import UserError
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+
+
 class atomic_path:
     """`with atomic_path(final) as tmp:` write the file or directory `tmp`; it becomes `final`
     only if the block succeeds. An existing `final` directory is replaced only then."""

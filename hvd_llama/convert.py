@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from hvd_llama.atomic import atomic_path
+from hvd_llama.atomic import atomic_path, refuse_existing
 from hvd_llama.errors import UserError, read_json
 
 # safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, which TF ships).
@@ -233,11 +233,10 @@ def model_config_from_keras_hub(backbone):
         tie_word_embeddings=bool(backbone.tie_word_embeddings))  # not in get_config (0.32)
 
 
-def _new_run(mc, run_dir, fill, tokenizer, overwrite):
+def _new_run(mc, run_dir, fill, tokenizer):
     """Write RUN_DIR: config.yaml, the weights-only checkpoint step 0, tokenizer.model."""
     import dataclasses
     from hvd_llama import checkpoint, config as config_lib, model as model_lib
-    _refuse_existing(run_dir, overwrite)
     model = model_lib.build(mc, seed=0)
     fill(model)
     with atomic_path(run_dir) as tmp:
@@ -254,22 +253,17 @@ def _new_run(mc, run_dir, fill, tokenizer, overwrite):
     return run_dir
 
 
-def _refuse_existing(path, overwrite):
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
-
-
 def import_hf(hf_dir, run_dir, overwrite=False):
     mc = model_config_from_hf(hf_dir)
-    _refuse_existing(run_dir, overwrite)
+    refuse_existing(run_dir, overwrite)
     tensors = hf_tensors(mc, hf_dir)
     return _new_run(mc, run_dir, lambda model: load_hf_weights(model, mc, tensors),
-                    os.path.join(hf_dir, "tokenizer.model"), overwrite)
+                    os.path.join(hf_dir, "tokenizer.model"))
 
 
 def export_hf(run_dir, hf_out, overwrite=False):
     from hvd_llama import checkpoint
-    _refuse_existing(hf_out, overwrite)
+    refuse_existing(hf_out, overwrite)
     cfg, model, _ = checkpoint.load_latest(run_dir)
     with atomic_path(hf_out) as tmp:
         os.makedirs(tmp)
@@ -281,6 +275,7 @@ def export_hf(run_dir, hf_out, overwrite=False):
 
 def import_keras_hub(preset_dir, run_dir, overwrite=False):
     import keras_hub
+    refuse_existing(run_dir, overwrite)
     try:
         source = keras_hub.models.LlamaBackbone.from_preset(preset_dir)
     except (OSError, ValueError, KeyError) as e:
@@ -293,13 +288,13 @@ def import_keras_hub(preset_dir, run_dir, overwrite=False):
             v.assign(theirs[v.path])
 
     return _new_run(mc, run_dir, fill,
-                    os.path.join(preset_dir, "assets", "tokenizer", "vocabulary.spm"), overwrite)
+                    os.path.join(preset_dir, "assets", "tokenizer", "vocabulary.spm"))
 
 
 def export_keras_hub(run_dir, preset_dir, overwrite=False):
     import keras_hub
     from hvd_llama import checkpoint
-    _refuse_existing(preset_dir, overwrite)
+    refuse_existing(preset_dir, overwrite)
     _, model, _ = checkpoint.load_latest(run_dir)
     with atomic_path(preset_dir) as tmp:
         model.backbone.save_to_preset(tmp)

@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from hvd_llama import checkpoint, generate
-from hvd_llama.atomic import atomic_path
+from hvd_llama.atomic import atomic_path, refuse_existing
 from hvd_llama.errors import UserError
 from hvd_llama.tokenizer import EOS_ID
 
@@ -63,8 +63,7 @@ def export(model, directory, version, context, tokenizer_path=None, overwrite=Fa
     if tokenizer_path and os.path.isfile(tokenizer_path):
         targets.append((os.path.join(f"{directory}_text", str(version)), True))
     for path, _ in targets:
-        if os.path.exists(path) and not overwrite:
-            raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+        refuse_existing(path, overwrite)
     for path, with_text in targets:
         archive = keras.export.ExportArchive()
         archive.track(model)
