@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ BIG = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
        "max_position_embeddings": 2048}
 
 
-def per_token_ms(fn, args, new, repeats=3):
+def per_token_ms(fn, args, new, repeats=5):
     fn(*args)  # trace and warm up
     best = min(_timed(fn, args) for _ in range(repeats))
     return 1000 * best / new
@@ -40,12 +41,21 @@ def _timed(fn, args):
 
 
 def import_one(hf_dir, run_dir):
-    """In a fresh process: import, then report this process's peak RSS."""
+    """In a fresh process: import, then report this process's peak RSS and its RSS before the
+    import began (TensorFlow and keras-hub loaded), so the difference is the import's own."""
+    import keras_hub  # noqa: F401 (loaded before the baseline, as import_hf would load it)
     from hvd_llama import convert
+    before = _rss_gib()
     start = time.perf_counter()
     convert.import_hf(hf_dir, run_dir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak,
+                      "baseline_rss_gib": before}))
+
+
+def _rss_gib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def main():
@@ -60,7 +70,7 @@ def main():
         return import_one(*args.import_one)
     import numpy as np
     import tensorflow as tf
-    from hvd_llama import config, export, generate, model as model_lib
+    from hvd_llama import config, generate, model as model_lib
     c = config.load(os.path.join(REPO, "configs", "small.yaml"))
     model = model_lib.build(c.model, seed=0)
     context = c.model.max_position_embeddings
@@ -73,6 +83,16 @@ def main():
     result["recompute_ms_per_token"] = per_token_ms(
         generate.make_generate(model, context, use_cache=False), call, args.new)
     tmp = tempfile.mkdtemp(prefix="hvd_llama_serving_")
+    try:
+        measure_export_and_import(model, context, call, args, tmp, result)
+    finally:
+        shutil.rmtree(tmp)
+    report(result, args)
+
+
+def measure_export_and_import(model, context, call, args, tmp, result):
+    import tensorflow as tf
+    from hvd_llama import export
     path = export.export(model, os.path.join(tmp, "sm"), 1, context)[0]
     served = tf.saved_model.load(path).signatures["generate"]
     names = ["token_ids", "lengths", "max_new_tokens", "temperature", "top_p", "seed"]
@@ -89,6 +109,9 @@ def main():
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     result.update({f"import_{k}": v for k, v in
                    json.loads(out.stdout.strip().splitlines()[-1]).items()})
+
+
+def report(result, args):
     if args.json:
         print(json.dumps(result))
         return
@@ -100,7 +123,8 @@ def main():
         ms = result[f"{key}_ms_per_token"]
         print(f"| {label} | {ms:.1f} | {ms / result['cached_ms_per_token']:.2f} |")
     print(f"import-hf of {result['checkpoint_gb']:.2f} GB (float32 safetensors): "
-          f"{result['import_seconds']:.1f} s, peak RSS {result['import_peak_rss_gib']:.2f} GiB")
+          f"{result['import_seconds']:.1f} s, peak RSS {result['import_peak_rss_gib']:.2f} GiB "
+          f"({result['import_baseline_rss_gib']:.2f} GiB before it began)")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def load_hf_weights(model, mc, tensors):
     its shard as it is assigned and unmapped right after."""
     variables = {v.path: v for v in model.backbone.weights}
     for name, _, path, transposed in weight_map(mc):
-        value = tensors.pop(name).astype(np.float32)
+        value = tensors.pop(name).astype(np.float32, copy=False)  # no copy when float32
         variables[path].assign(np.reshape(value.T if transposed else value,
                                           variables[path].shape))
 

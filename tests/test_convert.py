@@ -81,10 +81,21 @@ def test_export_hf_then_import_is_exact(imported, tmp_path):
         assert np.array_equal(a[key], b[key]), key
 
 
-def test_keras_hub_preset_round_trip(imported, tmp_path):
+def test_keras_hub_preset_round_trip(imported, tmp_path, cache_dir):
+    """Weights and the tokenizer go out to a preset that keras-hub loads, and come back."""
     import keras_hub
-    name, _, run_dir = imported
+    import sentencepiece
+    from hvd_llama import data
+    name, _, imported_dir = imported
+    run_dir = tmp_path / "run"
+    shutil.copytree(imported_dir, run_dir)
+    tokenizer = os.path.join(data.builtin_dir(cache_dir, 8000), "tokenizer.model")
+    shutil.copyfile(tokenizer, run_dir / "tokenizer.model")
     convert("export-keras-hub", run_dir, tmp_path / "preset")
+    text = "The quick brown fox jumps over the lazy dog."
+    theirs = keras_hub.models.LlamaTokenizer.from_preset(str(tmp_path / "preset"))
+    ours = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
+    assert np.asarray(theirs(text)).tolist() == ours.encode(text)
     backbone = keras_hub.models.LlamaBackbone.from_preset(str(tmp_path / "preset"))
     tokens = tokens_for(SHAPES[name]["vocab_size"])
     from hvd_llama import checkpoint
@@ -95,6 +106,8 @@ def test_keras_hub_preset_round_trip(imported, tmp_path):
     a, b = weights(run_dir), weights(tmp_path / "again")
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+    with open(tokenizer, "rb") as f, open(tmp_path / "again" / "tokenizer.model", "rb") as g:
+        assert f.read() == g.read()
 
 
 def test_fine_tune_an_import_under_horovodrun_and_give_it_back(tmp_path, cache_dir):
