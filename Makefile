@@ -3,6 +3,8 @@
 # make bench-data  prepare and loader throughput against training configs/small.yaml
 # make bench-recipe  configs/small.yaml in fp32/bf16, remat, XLA: tokens/s, MFU, memory
 # make bench-serving  generation latency with/without the KV cache; import-hf of a 1 GB checkpoint
+# make bench-peers  configs/small.yaml through hvd_llama, keras-hub fit, MultiWorkerMirroredStrategy
+#              and PyTorch eager/DDP, 1 and $(NP) processes; allreduce bandwidth (Gloo and MPI)
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
 
@@ -13,7 +15,7 @@ STAMP := $(VENV)/.setup-done
 NP ?= 2
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data bench-recipe bench-serving clean
+.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers clean
 
 setup: $(STAMP)
 
@@ -47,6 +49,9 @@ bench-recipe: setup
 
 bench-serving: setup
 	$(PY) bench/serving.py
+
+bench-peers: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/peers.py --processes $(NP)
 
 clean:
 	rm -rf $(VENV) *.egg-info

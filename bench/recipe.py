@@ -11,9 +11,9 @@
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
+
+from steps import hvd_llama_bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = os.path.join(HERE, os.pardir, "configs", "small.yaml")
@@ -21,50 +21,25 @@ VARIANTS = [("float32", False, False), ("float32", True, False), ("bfloat16", Fa
             ("bfloat16", True, False), ("float32", False, True)]  # precision, remat, XLA
 
 
-def rss_gib():
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kib / 2 ** 20
-
-
-def one(precision, remat, jit, steps):
-    """In a fresh process: this variant's tokens/s and memory."""
-    from hvd_llama import config, distributed as dist, hardware
-    from steps import train_tokens_per_s
-    dist.init()
-    c = config.load(SMALL, [f"train.precision={precision}", f"train.remat={str(remat).lower()}"])
-    base = rss_gib()  # TensorFlow loaded; nothing built yet
-    tokens_per_s = train_tokens_per_s(c, steps, jit_compile=jit)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return {"precision": precision, "remat": remat, "xla": jit, "tokens_per_s": tokens_per_s,
-            "peak_over_base_gib": peak - base,
-            "matmul_peak_tflops": hardware.measure_matmul_tflops(precision)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # PRECISION REMAT XLA
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one[0], args.one[1] == "True", args.one[2] == "True",
-                             args.steps)))
-        return
     from hvd_llama import config, plan
     c = config.load(SMALL)
     flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
     rows = []
     for precision, remat, jit in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one",
-                              precision, str(remat), str(jit)], check=True, capture_output=True,
-                             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        r["mfu"] = r["tokens_per_s"] * flops_per_token / (r["matmul_peak_tflops"] * 1e12)
-        cc = config.load(SMALL, [f"train.precision={precision}",
-                                 f"train.remat={str(remat).lower()}"])
-        r["plan_activations_gib"] = plan.memory_per_process(cc, 1)["activations"] / plan.GIB
+        overrides = [f"train.precision={precision}", f"train.remat={str(remat).lower()}",
+                     f"train.jit_compile={str(jit).lower()}"]
+        b = hvd_llama_bench(["--config", SMALL, "--steps", str(args.steps), *overrides])
+        r = {"precision": precision, "remat": remat, "xla": jit,
+             "tokens_per_s": b["tokens_per_s"], "peak_over_base_gib": b["peak_rss_over_start_gib"],
+             "matmul_peak_tflops": b["peak_tflops_per_process"], "mfu": b["mfu"]}
+        r["plan_activations_gib"] = plan.memory_per_process(
+            config.load(SMALL, overrides), 1)["activations"] / plan.GIB
         rows.append(r)
     ref = rows[0]
     for r in rows:

@@ -45,17 +45,13 @@ def import_one(hf_dir, run_dir):
     import began (TensorFlow and keras-hub loaded), so the difference is the import's own."""
     import keras_hub  # noqa: F401 (loaded before the baseline, as import_hf would load it)
     from hvd_llama import convert
-    before = _rss_gib()
+    from hvd_llama.bench import rss_gib
+    before = rss_gib()
     start = time.perf_counter()
     convert.import_hf(hf_dir, run_dir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak,
                       "baseline_rss_gib": before}))
-
-
-def _rss_gib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def main():

@@ -1,26 +1,25 @@
-"""Shared by the benchmarks: time optimizer steps of a config on one process."""
+"""Shared by the benchmarks: `python -m hvd_llama.bench --json ARGS` in a fresh process (alone,
+or under horovodrun on this host with the given controller), its result as a dict."""
 
-import time
+import json
+import os
+import subprocess
+import sys
 
-import numpy as np
-
-from hvd_llama import distributed as dist, model as model_lib, optim, trainer
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
-def train_tokens_per_s(c, steps, tokens=None, jit_compile=False):
-    """Tokens/s of `steps` optimizer steps of Config `c` in this process, after one untimed
-    step (tracing). `tokens`: int32 [grad_accum, micro-batch, seq_len + 1]; random if None."""
-    if tokens is None:
-        shape = (c.train.grad_accum, c.train.global_batch // c.train.grad_accum,
-                 c.data.seq_len + 1)
-        tokens = np.random.default_rng(0).integers(0, c.model.vocab_size, shape, np.int32)
-    model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
-    opt = dist.DistributedOptimizer(
-        optim.build(c.train, optim.schedule(c.train), model.trainable_variables))
-    step = trainer.make_train_step(model, opt, jit_compile)
-    float(step(tokens)[0])
-    start = time.perf_counter()
-    for _ in range(steps):
-        float(step(tokens)[0])  # wait for the step to finish
-    return steps * tokens.shape[0] * tokens.shape[1] * c.data.seq_len / (
-        time.perf_counter() - start)
+def hvd_llama_bench(args, processes=1, controller=None):
+    cmd = [sys.executable, "-m", "hvd_llama.bench", *args, "--json"]
+    if processes > 1:
+        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        cmd = [horovodrun, "-np", str(processes), "-H", f"localhost:{processes}",
+               *([f"--{controller}"] if controller else []), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    # Under horovodrun each line is prefixed with the rank ("[1,0]<stdout>:"), and another
+    # rank's output may follow on the same line.
+    line = out.stdout.strip().splitlines()[-1]
+    return json.JSONDecoder().raw_decode(line[line.index("{"):])[0]

@@ -25,16 +25,12 @@ from hvd_llama.atomic import atomic_path, write_bytes
 from hvd_llama.errors import UserError
 
 
-def make_train_step(model, optimizer, jit_compile=False):
-    """One optimizer step over int32 [k, b, seq_len + 1]: k micro-batches of b sequences.
-
-    The forward and backward passes of the k micro-batches run in one function, compiled with
-    XLA when jit_compile is set; the allreduce and the update run outside it, so Horovod's ops
-    never need an XLA lowering. Returns (mean loss, global norm of the averaged gradients,
-    the learning rate this step used)."""
+def make_gradients(model, jit_compile=False):
+    """(int32 [k, b, seq_len + 1] micro-batches, loss scale) -> (mean loss, mean gradients) of
+    this process's k micro-batches: the forward and backward passes, compiled with XLA when
+    jit_compile is set. No communication."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     variables = model.trainable_variables
-    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
 
     def micro_step(tokens, scale):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, seq_len] each, shifted by one
@@ -57,6 +53,20 @@ def make_train_step(model, optimizer, jit_compile=False):
         k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
         return loss / k, [g / k for g in grads]  # equal micro-batches: the mean of means
 
+    return gradients
+
+
+def make_train_step(model, optimizer, jit_compile=False):
+    """One optimizer step over int32 [k, b, seq_len + 1]: k micro-batches of b sequences.
+
+    The forward and backward passes (make_gradients) run in one function, compiled with XLA
+    when jit_compile is set; the allreduce and the update run outside it, so Horovod's ops
+    never need an XLA lowering. Returns (mean loss, global norm of the averaged gradients,
+    the learning rate this step used)."""
+    variables = model.trainable_variables
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
+    gradients = make_gradients(model, jit_compile)
+
     @tf.function
     def train_step(micro_batches):
         scale = tf.convert_to_tensor(optimizer.dynamic_scale) if scaled else tf.constant(1.0)
@@ -66,6 +76,27 @@ def make_train_step(model, optimizer, jit_compile=False):
         return loss, norm / scale, learning_rate
 
     return train_step
+
+
+def build(c):
+    """(model, its DistributedOptimizer, whether the gradients run under XLA) for Config c."""
+    model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
+    optimizer = dist.DistributedOptimizer(
+        optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
+        compression=c.dist.compression)
+    optimizer.build(model.trainable_variables)  # create its variables so they can be restored
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
+    return model, optimizer, jit
+
+
+def peak_tflops(c):
+    """(the device's peak TFLOP/s per process, where it comes from), the same on every rank.
+    A CPU's peak is measured: with every process measuring at once, each sees its share of
+    the cores."""
+    dist.barrier()
+    peak, source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
+    return float(dist.allreduce_mean(peak)), source
 
 
 def make_eval_step(model):
@@ -101,19 +132,12 @@ def run(config):
     train_seqs = dataset.sequences("train", c.data.seq_len)
     val = data.validation_batches(dataset.sequences("val", c.data.seq_len), micro,
                                   c.train.eval_batches, dist.rank(), dist.size())
-    model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
-    optimizer = dist.DistributedOptimizer(
-        optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
-        compression=c.dist.compression)
-    optimizer.build(model.trainable_variables)  # create its variables so they can be restored
+    model, optimizer, jit = build(c)
     checkpoint.restore(resume_meta, model, optimizer)  # then broadcast from rank 0
     start = resume_meta["step"] if resume_meta else 0
     rows = resume_meta["rows"] if resume_meta else 0  # global sequences consumed so far
 
-    jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
-    dist.barrier()  # a CPU's peak is measured: with every process measuring at once, each
-    peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
-    peak = float(dist.allreduce_mean(peak))  # sees its share of the cores, and all agree
+    peak, peak_source = peak_tflops(c)
     world = dist.world()
     tokens_per_step = c.train.global_batch * c.data.seq_len
     flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * tokens_per_step

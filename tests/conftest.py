@@ -6,15 +6,14 @@ import sys
 
 import pytest
 
-from hvd_llama.launcher import RANK_VARS
+from hvd_llama.launcher import plain_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 WORKER = os.path.join(REPO, "tests", "mp_worker.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-for var in RANK_VARS:
-    ENV.pop(var, None)  # the single-process runs must not think they were launched
+# The single-process runs must not think they were launched.
+ENV = {**plain_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 
 
 def run(cmd, check=True, timeout=900):

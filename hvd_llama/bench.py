@@ -1,0 +1,305 @@
+"""Synthetic benchmarks, in the spirit of Horovod's tensorflow_synthetic_benchmark.py.
+
+    python -m hvd_llama.bench [--config configs/small.yaml] [section.key=value ...] [--json]
+    horovodrun -np 2 -H localhost:2 python -m hvd_llama.bench --measure-single
+    horovodrun -np 2 -H localhost:2 python -m hvd_llama.bench allreduce [--json]
+
+The first form times the training step of a config on random tokens (no data on disk): tokens/s
+per process and in all; the step split into compute (forward and backward), allreduce and the
+rest (the update), each timed on its own; MFU against the device's peak (on a CPU, a matmul
+measured at start, all processes at once); peak memory; and scaling efficiency, tokens/s of N
+processes over N times one process given a rank's share of the host (--single TOKENS_PER_S, or
+--measure-single: rank 0 runs that one process first while the others wait).
+
+`allreduce` measures Horovod's allreduce (the launcher's controller: Gloo or MPI, NCCL for GPU
+tensors) from 1 KB to 256 MB of float32, with fp16 compression off and on: bus bandwidth in
+nccl-tests' sense (bytes x 2(N-1)/N per second) next to a memory-copy bandwidth measured by all
+processes at once, the bound for processes sharing one host.
+
+Targets (issue 6, this 2-core CPU, configs/small.yaml, float32) are printed beside the figures.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from hvd_llama.errors import UserError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "small.yaml")
+SIZES = [1 << k for k in range(10, 29, 2)]  # 1 KiB .. 256 MiB, x4 per row
+BOUND_BYTES = 256 << 20  # copy bandwidth beyond every cache
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    what = "allreduce" if argv[:1] == ["allreduce"] else "step"
+    args = _parser(what).parse_args(argv[1:] if what == "allreduce" else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from hvd_llama import config as config_lib, distributed as dist
+        c = config_lib.load(args.config, args.overrides) if what == "step" else None
+        dist.init(c.dist if c else None)
+        if args.threads:
+            import tensorflow as tf
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        result = run_step(c, args) if what == "step" else run_allreduce(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if result is not None:  # rank 0
+        print(json.dumps(result) if args.json else "\n".join(
+            (step_table if what == "step" else allreduce_table)(result)), flush=True)
+    return 0
+
+
+def _parser(what):
+    parser = argparse.ArgumentParser(
+        prog="python -m hvd_llama.bench" + (" allreduce" if what == "allreduce" else ""),
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads per process (default: the host's cores over "
+                             "its processes)")
+    if what == "allreduce":
+        parser.add_argument("--max-bytes", type=int, default=SIZES[-1])
+        parser.add_argument("--seconds", type=float, default=0.5,
+                            help="time spent on each size and compression (at least 3 calls)")
+        return parser
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 untimed)")
+    parser.add_argument("--single", type=float, default=0.0, metavar="TOKENS_PER_S",
+                        help="tokens/s of one process on a rank's share of the host")
+    parser.add_argument("--measure-single", action="store_true",
+                        help="rank 0 measures --single first, in a plain child process")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+def run_step(c, args):
+    """Time the training step of Config c on this process's part of a random global batch;
+    the figures of all processes on rank 0 (None elsewhere)."""
+    import numpy as np
+    import tensorflow as tf
+    from hvd_llama import config as config_lib, distributed as dist, plan, trainer
+    n = dist.size()
+    micro = config_lib.micro_batch(c, n)
+    single = args.single or (measure_single(args, n) if args.measure_single else 0.0)
+
+    start_rss = rss_gib()  # TensorFlow loaded, nothing built
+    model, optimizer, jit = trainer.build(c)
+    peak, peak_source = trainer.peak_tflops(c)
+    tokens = tf.constant(np.random.default_rng(dist.rank()).integers(
+        0, c.model.vocab_size, (c.train.grad_accum, micro, c.data.seq_len + 1), np.int32))
+    step = trainer.make_train_step(model, optimizer, jit)
+    gradients = trainer.make_gradients(model, jit)
+    allreduce = tf.function(lambda g: dist.allreduce_gradients(g, compression=c.dist.compression))
+
+    step_s = _seconds_per_call(lambda: float(step(tokens)[0]), args.steps)
+    split = max(1, min(args.steps, 2))  # the parts again, fewer times: they only divide it
+    one = tf.constant(1.0)  # the loss scale
+    compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
+    grads = gradients(tokens, one)[1]
+    allreduce_s = _seconds_per_call(lambda: [g.numpy() for g in allreduce(grads)], split) \
+        if n > 1 else 0.0  # one process does not communicate
+
+    # Every process ran the same number of steps; the slowest one sets the pace.
+    step_s = max(dist.allgather_object(step_s))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss = dist.allgather_object((peak_rss, peak_rss - start_rss))
+    gpu = tf.config.list_logical_devices("GPU")
+    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 30
+                if gpu else None)
+    world = dist.world()  # a collective: every rank
+    if not dist.is_chief():
+        return None
+    tokens_per_s = c.train.global_batch * c.data.seq_len / step_s
+    flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
+    r = {"config": args.config, "overrides": args.overrides, "processes": n,
+         "hosts": world["hosts"], "controller": world["controller"],
+         "threads_per_process": tf.config.threading.get_intra_op_parallelism_threads(),
+         "precision": c.train.precision, "xla": jit, "remat": c.train.remat,
+         "global_batch": c.train.global_batch, "seq_len": c.data.seq_len,
+         "grad_accum": c.train.grad_accum, "steps": args.steps,
+         "tokens_per_s": tokens_per_s, "tokens_per_s_per_process": tokens_per_s / n,
+         "step_s": step_s, "compute_s": compute_s, "allreduce_s": allreduce_s,
+         "other_s": step_s - compute_s - allreduce_s,
+         "flops_per_token": flops_per_token, "peak_tflops_per_process": peak,
+         "peak_source": peak_source,
+         "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * n) if peak else None,
+         "peak_rss_gib": max(r[0] for r in rss),
+         "peak_rss_over_start_gib": max(r[1] for r in rss), "peak_gpu_memory_gib": gpu_peak,
+         "single_tokens_per_s": single or None,
+         "scaling_efficiency": tokens_per_s / (n * single) if single else None}
+    r["targets"] = step_targets(r)
+    return r
+
+
+def measure_single(args, n):
+    """Rank 0: tokens/s of one plain process with a rank's share of the host's threads, run as
+    a child before the N-process measurement (the other ranks wait at a barrier)."""
+    from hvd_llama import distributed as dist, launcher
+    single = 0.0
+    if dist.is_chief():
+        threads = args.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
+        cmd = [sys.executable, "-m", "hvd_llama.bench", "--json", "--config", args.config,
+               "--steps", str(args.steps), "--threads", str(threads), *args.overrides]
+        out = subprocess.run(cmd, env=launcher.plain_env(), capture_output=True, text=True)
+        if out.returncode:
+            raise UserError(f"the single-process measurement failed: {out.stderr.strip()}")
+        single = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    dist.barrier()
+    return dist.broadcast_object(single)
+
+
+def _seconds_per_call(fn, calls, warmup=2):
+    """Mean seconds of `calls` calls of fn (which waits for its result), after `warmup` calls
+    (tracing) and a barrier, so that every process starts timing together."""
+    from hvd_llama import distributed as dist
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def step_targets(r):
+    """Issue 6's targets for this figure, on a CPU (they are stated for configs/small.yaml)."""
+    if r["peak_source"].startswith("measured") and r["mfu"] is not None and r["processes"] == 1:
+        return [_target("MFU against the measured matmul peak", r["mfu"], 0.60)]
+    if r["scaling_efficiency"] is not None:
+        return [_target("scaling efficiency", r["scaling_efficiency"], 0.95)]
+    return []
+
+
+def _target(what, value, at_least):
+    return {"what": what, "value": value, "at_least": at_least, "met": value >= at_least}
+
+
+def step_table(r):
+    lines = [f"{r['config']} {' '.join(r['overrides'])}: {r['processes']} process(es) x "
+             f"{r['threads_per_process']} threads on {', '.join(r['hosts'])} "
+             f"(controller {r['controller']}); {r['precision']}, XLA {r['xla']}, "
+             f"remat {r['remat']}; global batch {r['global_batch']} x {r['seq_len']} tokens",
+             "| figure | value |", "|---|---:|",
+             f"| tokens/s, all processes | {r['tokens_per_s']:,.0f} |",
+             f"| tokens/s per process | {r['tokens_per_s_per_process']:,.0f} |"]
+    for key, label in (("step_s", "step"), ("compute_s", "compute (forward + backward)"),
+                       ("allreduce_s", "allreduce"), ("other_s", "the rest (update)")):
+        lines.append(f"| {label}, ms | {1000 * r[key]:,.1f} |")
+    if r["mfu"] is not None:
+        lines.append(f"| MFU ({r['peak_tflops_per_process']:.3g} TFLOP/s per process, "
+                     f"{r['peak_source']}) | {100 * r['mfu']:.1f}% |")
+    lines.append(f"| peak RSS per process, GiB (over its RSS before the build) | "
+                 f"{r['peak_rss_gib']:.2f} ({r['peak_rss_over_start_gib']:.2f}) |")
+    if r["peak_gpu_memory_gib"] is not None:
+        lines.append(f"| peak GPU memory, GiB | {r['peak_gpu_memory_gib']:.2f} |")
+    if r["scaling_efficiency"] is not None:
+        lines.append(f"| scaling efficiency (one process: {r['single_tokens_per_s']:,.0f} "
+                     f"tokens/s) | {100 * r['scaling_efficiency']:.1f}% |")
+    return lines + _target_lines(r["targets"])
+
+
+def _target_lines(targets):
+    return [f"target: {t['what']} {100 * t['value']:.1f}% (at least {100 * t['at_least']:.0f}%)"
+            f": {'met' if t['met'] else 'MISSED (see BENCHMARKS.md)'}" for t in targets]
+
+
+def rss_gib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+def run_allreduce(args):
+    """Bus bandwidth of Horovod's allreduce per size and compression; rank 0's result."""
+    import tensorflow as tf
+    from hvd_llama import distributed as dist
+    n = dist.size()
+    if n < 2:
+        raise UserError("the allreduce benchmark needs 2 or more processes: launch it with "
+                        "horovodrun -np N (or mpirun)")
+    bound = _copy_bandwidth()
+    rows = []
+    for compression in ("none", "fp16"):
+        reduce = tf.function(lambda x, c=compression: dist.allreduce_gradients([x], compression=c))
+        for size in [s for s in SIZES if s <= args.max_bytes]:
+            x = tf.ones([size // 4], tf.float32)
+            seconds = _seconds_collective(lambda: reduce(x)[0].numpy(), args.seconds)
+            algbw = size / seconds
+            rows.append({"bytes": size, "compression": compression, "seconds": seconds,
+                         "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * 2 * (n - 1) / n / 1e9,
+                         "busbw_over_copy": algbw * 2 * (n - 1) / n / bound})
+    world = dist.world()  # a collective: every rank
+    if not dist.is_chief():
+        return None
+    at_64 = next(r for r in rows if r["bytes"] == 64 << 20 and r["compression"] == "none") \
+        if args.max_bytes >= 64 << 20 else None
+    return {"processes": n, "hosts": world["hosts"], "controller": world["controller"],
+            "tensor_ops": world["tensor_ops"], "device": "GPU" if tf.config.list_logical_devices(
+                "GPU") else "CPU",
+            "copy_gbps": bound / 1e9, "rows": rows,
+            "targets": [_target("bus bandwidth at 64 MiB over the copy bound",
+                                at_64["busbw_over_copy"], 0.80)] if at_64 else []}
+
+
+def _copy_bandwidth():
+    """Bytes/s of copying a 256 MiB buffer, measured by every process at once (they share the
+    memory bus, as the processes of an allreduce do), averaged over ranks."""
+    import numpy as np
+    from hvd_llama import distributed as dist
+    src = np.ones(BOUND_BYTES // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    dist.barrier()
+    seconds = _seconds_until(lambda: np.copyto(dst, src), 0.5)
+    return float(dist.allreduce_mean(BOUND_BYTES / seconds))
+
+
+def _seconds_until(fn, budget):
+    """Mean seconds per call of fn, called at least 3 times and until `budget` seconds passed,
+    after one untimed call. Not for collectives: ranks would stop at different counts."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < budget:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def _seconds_collective(fn, budget):
+    """Mean seconds per call of the collective fn, as the slowest rank saw it: every rank makes
+    the same number of calls (at least 3, about `budget` seconds by rank 0's first call)."""
+    from hvd_llama import distributed as dist
+    fn()  # trace, and connect
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    calls = dist.broadcast_object(max(3, min(1000, int(budget / max(first, 1e-6)))))
+    return max(dist.allgather_object(_seconds_per_call(fn, calls, warmup=0)))
+
+
+def allreduce_table(r):
+    lines = [f"Horovod allreduce, {r['processes']} processes on {', '.join(r['hosts'])}, "
+             f"controller {r['controller']} (tensor ops {r['tensor_ops']}), {r['device']} "
+             f"tensors; copy bound {r['copy_gbps']:.2f} GB/s (256 MiB, all processes at once)",
+             "| bytes | compression | ms | algbw GB/s | busbw GB/s | busbw / copy |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {_size(row['bytes'])} | {row['compression']} | "
+                     f"{1000 * row['seconds']:.3f} | {row['algbw_gbps']:.3f} | "
+                     f"{row['busbw_gbps']:.3f} | {100 * row['busbw_over_copy']:.0f}% |")
+    return lines + _target_lines(r["targets"])
+
+
+def _size(n):
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""python -m hvd_llama.bench and bench/peers.py end to end on the tiny config: the fields they
+report and that every derived figure (MFU, scaling, bandwidth) follows from measured ones. Speed
+itself is never asserted. And the FLOP count behind MFU against an independent count."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, horovodrun, run
+
+STEP = ["-m", "hvd_llama.bench", "--config", TINY, "--steps", "1", "--json",
+        "train.global_batch=4"]
+
+
+def last_json(proc):
+    line = proc.stdout.strip().splitlines()[-1]
+    # Under horovodrun: after "[1,0]<stdout>:", perhaps with another rank's words after it.
+    return json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
+
+
+def check_step_figures(r, processes):
+    from hvd_llama import config, plan
+    mc = config.load(TINY).model
+    assert r["processes"] == processes and r["global_batch"] == 4 and r["seq_len"] == 256
+    assert r["tokens_per_s"] == pytest.approx(4 * 256 / r["step_s"])
+    assert r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"] / processes)
+    assert r["flops_per_token"] == plan.flops_per_token(mc, 256)
+    assert r["peak_tflops_per_process"] > 0 and r["peak_source"].startswith("measured")
+    assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"]
+                                     / (r["peak_tflops_per_process"] * 1e12 * processes))
+    assert 0 < r["compute_s"] and r["other_s"] == pytest.approx(
+        r["step_s"] - r["compute_s"] - r["allreduce_s"])
+    assert r["peak_rss_gib"] > r["peak_rss_over_start_gib"] > 0
+
+
+def test_step_bench_one_process():
+    r = last_json(run([sys.executable, *STEP]))
+    check_step_figures(r, 1)
+    assert r["allreduce_s"] == 0.0 and r["controller"] == "none"
+    assert r["scaling_efficiency"] is None
+    [target] = r["targets"]
+    assert target["value"] == r["mfu"] and target["met"] == (r["mfu"] >= 0.60)
+
+
+def test_step_bench_two_processes_with_a_given_single_figure():
+    r = last_json(horovodrun("gloo", [*STEP, "--single", "1000"]))
+    check_step_figures(r, 2)
+    assert r["controller"] == "gloo" and r["allreduce_s"] > 0
+    assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s"] / 2000)
+
+
+def test_step_bench_measures_the_single_process_figure_under_mpi():
+    """--measure-single: rank 0's child must run as a plain process although mpirun's
+    environment surrounds it."""
+    r = last_json(horovodrun("mpi", [*STEP, "--measure-single"]))
+    check_step_figures(r, 2)
+    assert r["controller"] == "mpi" and r["single_tokens_per_s"] > 0
+    assert r["scaling_efficiency"] == pytest.approx(
+        r["tokens_per_s"] / (2 * r["single_tokens_per_s"]))
+
+
+def test_allreduce_bench_figures_follow_from_the_timings():
+    r = last_json(horovodrun("gloo", ["-m", "hvd_llama.bench", "allreduce", "--json",
+                                      "--max-bytes", str(1 << 20), "--seconds", "0.05"]))
+    assert r["processes"] == 2 and r["controller"] == "gloo" and r["copy_gbps"] > 0
+    sizes = [1 << k for k in range(10, 21, 2)]
+    assert [(x["bytes"], x["compression"]) for x in r["rows"]] == \
+        [(s, c) for c in ("none", "fp16") for s in sizes]
+    for x in r["rows"]:
+        assert x["algbw_gbps"] == pytest.approx(x["bytes"] / x["seconds"] / 1e9)
+        assert x["busbw_gbps"] == pytest.approx(x["algbw_gbps"] * 2 * (2 - 1) / 2)
+        assert x["busbw_over_copy"] == pytest.approx(x["busbw_gbps"] / r["copy_gbps"])
+    assert r["targets"] == []  # 64 MiB was not measured
+
+
+def test_allreduce_bench_needs_a_launcher():
+    proc = run([sys.executable, "-m", "hvd_llama.bench", "allreduce"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the allreduce benchmark "
+                                                           "needs 2 or more processes")
+
+
+def matmul_flops(graph):
+    """FLOPs of every matrix product in a traced graph: 2 x output elements x the contracted
+    size, read from the ops' static shapes."""
+    total = 0
+    for op in graph.get_operations():
+        if op.type in ("MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+            a = [int(n) for n in op.inputs[0].shape]
+            moved = op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
+            total += 2 * int(np.prod(op.outputs[0].shape)) * (a[-2] if moved else a[-1])
+    return total
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_agrees_with_the_traced_graph(tied):
+    """plan.flops_per_token (the MFU numerator) against the matrix products TensorFlow runs in
+    the forward pass, times 3 for forward + backward: they differ by exactly the RMSNorm scales,
+    which the 6 x parameters rule counts at 6 FLOPs each."""
+    import tensorflow as tf
+    from hvd_llama import config, model as model_lib, plan
+    mc = config.load(TINY, ["model.num_layers=2", f"model.tie_word_embeddings={tied}"]).model
+    seq = 64
+    model = model_lib.build(mc, seed=0)
+    forward = tf.function(lambda t: model({"token_ids": t, "padding_mask": tf.ones_like(t)}))
+    graph = forward.get_concrete_function(tf.TensorSpec([1, seq], tf.int32)).graph
+    norms = mc.num_layers * 2 * mc.hidden_dim + mc.hidden_dim
+    assert 3 * matmul_flops(graph) / seq == plan.flops_per_token(mc, seq) - 6 * norms
+
+
+def test_peers_end_to_end(tmp_path):
+    """bench/peers.py on the tiny config, one timed step per system; PyTorch from this
+    environment (the suite's own torch) instead of a virtualenv of its own."""
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# B\n\nbefore\n<!-- peers:begin -->\nold\n<!-- peers:end -->\nafter\n")
+    run([sys.executable, os.path.join(REPO, "bench", "peers.py"), "--config", TINY,
+         "--steps", "1", "--torch-python", sys.executable, "--allreduce-max-bytes",
+         str(1 << 20), "--results", str(tmp_path / "results"), "--benchmarks",
+         str(benchmarks)], timeout=1800)
+    [stem] = {name.rsplit(".", 1)[0] for name in os.listdir(tmp_path / "results")}
+    result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
+    systems = [(r["system"], r["processes"]) for r in result["rows"]]
+    assert systems == [("hvd_llama", 1), ("hvd_llama", 1), ("hvd_llama (horovodrun)", 2),
+                       ("keras-hub fit", 1), ("tf.distribute MWMS", 1),
+                       ("tf.distribute MWMS", 2), ("PyTorch eager", 1), ("PyTorch eager", 1),
+                       ("PyTorch DDP (Gloo)", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    for i in (5, 8):  # scaling: N processes over N x the one-process share row before them
+        assert result["rows"][i]["scaling_efficiency"] == pytest.approx(
+            result["rows"][i]["tokens_per_s"] / (2 * result["rows"][i - 1]["tokens_per_s"]))
+    assert set(result["allreduce"]) == {"gloo", "mpi"}
+    assert len(result["targets"]) == 5  # 64 MiB allreduce not measured: no bandwidth target
+    text = benchmarks.read_text()
+    assert "old" not in text and text.startswith("# B\n\nbefore\n") and \
+        text.endswith("<!-- peers:end -->\nafter\n")
+    assert f"| PyTorch DDP (Gloo) | 2 x {max(1, os.cpu_count() // 2)} |" in text
+    assert (tmp_path / "results" / f"{stem}.png").stat().st_size > 0
+    assert (tmp_path / "results" / f"{stem}.md").read_text() in text
