@@ -81,8 +81,8 @@ def mwms(s, args, data, strategy):
         model = build(s)
         optimizer = keras.optimizers.AdamW(s["learning_rate"])
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    per_worker = s["global_batch"] // args.workers  # each worker feeds its own replica
-    batches = iter(strategy.experimental_distribute_dataset(data.batch(per_worker)))
+    # Batched by the global batch, which the strategy splits: each worker computes its share.
+    batches = iter(strategy.experimental_distribute_dataset(data.batch(s["global_batch"])))
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:

@@ -1,7 +1,8 @@
 """Peers benchmark (make bench-peers): one model configuration and global batch, on this machine,
 in one invocation, through what a user could run instead:
 
-  hvd_llama           1 process, and N processes under horovodrun (python -m hvd_llama.bench)
+  hvd_llama           1 process (also with XLA), and N processes under horovodrun
+                      (python -m hvd_llama.bench)
   keras-hub fit       LlamaCausalLM.fit, 1 process, no Horovod       (bench/peer_keras.py)
   tf.distribute       MultiWorkerMirroredStrategy, N workers          (bench/peer_keras.py --mwms)
   PyTorch             transformers' LlamaForCausalLM, eager, 1 process, and
@@ -67,6 +68,8 @@ def main():
     step_args = ["--config", args.config, "--steps", str(args.steps)]
     one = hvd_llama_bench(step_args)
     add("hvd_llama", 1, one["threads_per_process"], one["tokens_per_s"], mfu=one["mfu"])
+    xla = hvd_llama_bench(step_args + ["train.jit_compile=true"])
+    add("hvd_llama, XLA", 1, xla["threads_per_process"], xla["tokens_per_s"], mfu=xla["mfu"])
     many = hvd_llama_bench(step_args + ["--measure-single"], processes=n)
     add("hvd_llama", 1, share, many["single_tokens_per_s"])
     add("hvd_llama (horovodrun)", n, share, many["tokens_per_s"],

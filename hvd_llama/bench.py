@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from hvd_llama.atomic import write_bytes
 from hvd_llama.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -52,6 +53,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if result is not None:  # rank 0
+        if args.output:
+            write_bytes(args.output, json.dumps(result, indent=1).encode())
         print(json.dumps(result) if args.json else "\n".join(
             (step_table if what == "step" else allreduce_table)(result)), flush=True)
     return 0
@@ -62,6 +65,7 @@ def _parser(what):
         prog="python -m hvd_llama.bench" + (" allreduce" if what == "allreduce" else ""),
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--output", metavar="PATH", help="also write the JSON object to PATH")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads per process (default: the host's cores over "
                              "its processes)")
@@ -141,19 +145,34 @@ def run_step(c, args):
 
 def measure_single(args, n):
     """Rank 0: tokens/s of one plain process with a rank's share of the host's threads, run as
-    a child before the N-process measurement (the other ranks wait at a barrier)."""
+    a child before the N-process measurement. The other ranks on rank 0's host wait by polling
+    a file, asleep: a rank blocked in a collective busy-polls (MPI does) and would take a core
+    from the child. Ranks on other hosts wait in the barrier."""
+    import socket
+    import tempfile
     from hvd_llama import distributed as dist, launcher
-    single = 0.0
+    # One collective agrees on where rank 0 reports; every rank joins it.
+    host, done = dist.broadcast_object(
+        (socket.gethostname(), os.path.join(tempfile.mkdtemp(prefix="hvd_llama_single_"),
+                                            "tokens_per_s")) if dist.is_chief() else None)
     if dist.is_chief():
         threads = args.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
         cmd = [sys.executable, "-m", "hvd_llama.bench", "--json", "--config", args.config,
                "--steps", str(args.steps), "--threads", str(threads), *args.overrides]
         out = subprocess.run(cmd, env=launcher.plain_env(), capture_output=True, text=True)
-        if out.returncode:
-            raise UserError(f"the single-process measurement failed: {out.stderr.strip()}")
-        single = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+        single = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"] \
+            if out.returncode == 0 else 0.0  # rank 0 raises after the others are released
+        write_bytes(done, str(single).encode())  # appears whole
+    elif socket.gethostname() == host:
+        while not os.path.exists(done):
+            time.sleep(0.2)
     dist.barrier()
-    return dist.broadcast_object(single)
+    if dist.is_chief():
+        os.remove(done)
+        os.rmdir(os.path.dirname(done))
+        if not single:
+            raise UserError(f"the single-process measurement failed: {out.stderr.strip()}")
+    return dist.broadcast_object(single if dist.is_chief() else None)
 
 
 def _seconds_per_call(fn, calls, warmup=2):

@@ -76,7 +76,7 @@ class DistConfig:
     # horovodrun's flags). Defaults are Horovod's own.
     compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
     fusion_threshold_mb: int = 128  # tensors fused into one allreduce buffer up to this size
-    cycle_time_ms: float = 1.0  # how long Horovod's background thread waits to batch tensors
+    cycle_time_ms: float = 0.0  # Horovod's background thread cycle; 0 = auto (distributed.py)
     timeline: str = ""  # Chrome-trace file of every collective (relative to run.dir); "" = off
     autotune: bool = False  # let Horovod tune fusion and cycle time; logs to autotune.csv
 

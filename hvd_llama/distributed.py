@@ -26,7 +26,8 @@ def init(dc=None, run_dir="."):
     global _hvd
     if launched() and _hvd is None:
         if dc is not None:
-            os.environ.update(horovod_env(dc, run_dir))
+            os.environ.update(horovod_env(dc, run_dir,
+                                          bool(tf.config.list_physical_devices("GPU"))))
             if dc.timeline:  # Horovod opens the file in init()
                 os.makedirs(os.path.dirname(os.environ["HOROVOD_TIMELINE"]) or ".",
                             exist_ok=True)
@@ -45,7 +46,14 @@ def init(dc=None, run_dir="."):
         tf.config.set_visible_devices(gpus[local_rank() % len(gpus)], "GPU")
 
 
-def horovod_env(dc, run_dir):
+# dist.cycle_time_ms=0 on a host without GPUs. Horovod's background thread wakes every cycle to
+# negotiate with the other ranks; where the processes' compute threads already fill the cores,
+# a 1 ms cycle steals them (configs/small.yaml, 2 processes on 2 CPUs: 363 tokens/s at 1 ms,
+# 486 at 20 ms; BENCHMARKS.md). One grouped allreduce per step waits at most one cycle more.
+CPU_CYCLE_TIME_MS = 20.0
+
+
+def horovod_env(dc, run_dir, gpus=False):
     """The HOROVOD_* variables for DistConfig `dc`; Horovod reads them once, in init()."""
     env = {}
     if dc.autotune:  # fusion threshold and cycle time are then Horovod's to choose
@@ -53,7 +61,8 @@ def horovod_env(dc, run_dir):
         env["HOROVOD_AUTOTUNE_LOG"] = os.path.join(run_dir, "autotune.csv")
     else:
         env["HOROVOD_FUSION_THRESHOLD"] = str(dc.fusion_threshold_mb * 1024 * 1024)
-        env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms)
+        env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms
+                                        or (1.0 if gpus else CPU_CYCLE_TIME_MS))
     if dc.timeline:
         env["HOROVOD_TIMELINE"] = os.path.join(run_dir, dc.timeline)
     return env
