@@ -6,16 +6,19 @@
 # make bench-peers  configs/small.yaml through hvd_llama, keras-hub fit, MultiWorkerMirroredStrategy
 #              and PyTorch eager/DDP, 1 and $(NP) processes; allreduce bandwidth (Gloo and MPI)
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
-#              (redone when the pins or the build change; a cached Horovod wheel makes it quick)
+#              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
+#              EXTRAS= the setup.cfg extras (the images: none, or gpu)
+# make image-test  build docker/Dockerfile.cpu with podman and train tiny inside it (CI runs it)
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 NP ?= 2
+EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers clean
+.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers image-test clean
 
 setup: $(STAMP)
 
@@ -27,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml docker/debian-packages.sh docker/horovod/buil
 	bash docker/debian-packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	bash docker/horovod/build.sh $(PY)
 	touch $@
 
@@ -52,6 +55,9 @@ bench-serving: setup
 
 bench-peers: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/peers.py --processes $(NP)
+
+image-test:
+	bash docker/image-test.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

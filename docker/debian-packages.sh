@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Install the Debian packages hvd_llama builds against, skipping those already present.
-# Used by the Makefile (before pip builds mpi4py), by docker/horovod/build.sh, and by the images.
-#   OpenMPI: mpi4py and Horovod's MPI controller.
+# Install Debian packages, skipping those already present: by default the ones hvd_llama builds
+# against. Used by the Makefile (before pip builds mpi4py), by docker/horovod/build.sh, by the
+# images (through make setup), and with other names by docker/image-test.sh.
+#   docker/debian-packages.sh [PACKAGE...]
+#   OpenMPI: mpi4py and Horovod's MPI controller; ssh: how horovodrun and mpirun start remote ranks.
 #   highwayhash, farmhash: TF 2.21's public headers include them without shipping them.
 #   cmake, g++, make, patch: the Horovod build.
 set -euo pipefail
-pkgs=(libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev cmake g++ make patch)
+pkgs=("$@")
+[ $# -gt 0 ] || pkgs=(libopenmpi-dev openmpi-bin openssh-client libhighwayhash-dev
+                     libfarmhash-dev cmake g++ make patch)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,0 +1,185 @@
+"""The launch path: Dockerfiles (hadolint), shell scripts (shellcheck), mpi/horovodrun.sh and
+mpi/mpirun.sh training for real on a two-slot localhost hostfile, their refusals of bad hosts,
+slots and paths before any rank starts, and the Slurm script's command line (dry run)."""
+
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, REPO, TINY
+
+BIN = os.path.dirname(sys.executable)
+LAUNCH_ENV = {**ENV, "PYTHON": sys.executable, "PATH": BIN + os.pathsep + ENV["PATH"]}
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "mpi", "*.sh")) + [
+    os.path.join(REPO, "mpi", "slurm.sbatch"), os.path.join(REPO, ".ci", "run"),
+    *glob.glob(os.path.join(REPO, "docker", "**", "*.sh"), recursive=True)])
+DOCKERFILES = sorted(glob.glob(os.path.join(REPO, "docker", "Dockerfile.*")))
+
+
+def sh(cmd, env=None, timeout=900):
+    return subprocess.run(cmd, cwd=REPO, env={**LAUNCH_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=os.path.basename)
+def test_dockerfile_is_hadolint_clean(dockerfile):
+    proc = sh([os.path.join(BIN, "hadolint"), dockerfile])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(dockerfile) as f:
+        lines = [line for line in f if line.strip() and not line.startswith("#")]
+    # Versions and choices are ARGs above the first FROM; every RUN is bash -euo pipefail.
+    assert lines[0].startswith("ARG "), dockerfile
+    assert any(line.startswith('SHELL ["/bin/bash", "-euo", "pipefail", "-c"]') for line in lines)
+
+
+def test_dockerfiles_use_the_makefiles_build():
+    for dockerfile in DOCKERFILES:
+        with open(dockerfile) as f:
+            text = f.read()
+        assert "make setup" in text and "pip install" not in text, dockerfile
+
+
+def test_shell_scripts_are_shellcheck_clean():
+    assert len(SCRIPTS) >= 7, SCRIPTS
+    proc = sh([os.path.join(BIN, "shellcheck"), "-x", "-P", "SCRIPTDIR", *SCRIPTS])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("# this machine, two ranks\nlocalhost slots=2\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("launcher, options, controller", [
+    ("horovodrun.sh", ["--gloo"], "gloo"), ("mpirun.sh", [], "mpi")])
+def test_launcher_trains_tiny_on_two_local_slots(launcher, options, controller, hostfile,
+                                                 tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = sh(["bash", os.path.join("mpi", launcher), "--hostfile", hostfile, *options, TINY,
+               f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.steps=4",
+               "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launched = shlex.split(proc.stdout.splitlines()[0])  # the line it printed, then ran
+    assert launched[:5] == [launcher[:-3], "-np", "2", "-H", "localhost:2"], launched
+    with open(run_dir / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [2, 4]
+    assert "2 process(es) on 1 host(s)" in proc.stdout, proc.stdout[-3000:]
+    assert f"controller {controller}" in proc.stdout
+    assert (run_dir / "saved_model" / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-H", "localhost:2,127.0.0.1:2"], "host 127.0.0.1 is listed twice (as localhost before)"),
+    (["-H", "localhost:2", "-np", "3"], "-np 3 exceeds the 2 slots of localhost:2"),
+    (["-H", "localhost:2,nohost.invalid:2"], "host nohost.invalid: unreachable over ssh"),
+    (["-H", "localhost:x"], "slots 'x' for localhost is not a positive integer"),
+    (["--hostfile", "missing-hostfile"], "hostfile missing-hostfile: no such file"),
+    (["-H", "localhost:2", "--container", "missing.sif"], "container image missing.sif"),
+], ids=["duplicate", "slots", "unreachable", "bad-slots", "no-hostfile", "no-image"])
+@pytest.mark.parametrize("launcher", ["horovodrun.sh", "mpirun.sh"])
+def test_launcher_refuses_before_any_rank_starts(launcher, args, message, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = sh(["bash", os.path.join("mpi", launcher), *args, TINY, f"run.dir={run_dir}"],
+              timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"mpi/{launcher}: ") and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stdout == "" and not run_dir.exists()
+
+
+def test_launchers_refuse_a_missing_config_and_a_malformed_hostfile(tmp_path):
+    bad = tmp_path / "hostfile"
+    bad.write_text("localhost slots=2\nnode1 slots 8\n")
+    for launcher in ["horovodrun.sh", "mpirun.sh"]:
+        proc = sh(["bash", f"mpi/{launcher}", "-H", "localhost:2", "configs/nope.yaml"])
+        assert (proc.returncode, proc.stderr) == (
+            2, f"mpi/{launcher}: config configs/nope.yaml: no such file\n")
+        proc = sh(["bash", f"mpi/{launcher}", "--hostfile", str(bad), TINY])
+        assert (proc.returncode, proc.stderr) == (
+            2, f"mpi/{launcher}: hostfile {bad} line 2: expected 'HOST slots=N', "
+               "got 'node1 slots 8'\n")
+    proc = sh(["bash", "mpi/mpirun.sh", "--gloo", "-H", "localhost:2", TINY])
+    assert proc.returncode == 2 and "--gloo is horovodrun's" in proc.stderr
+
+
+def test_launcher_dry_run_passes_interface_port_and_environment():
+    proc = sh(["bash", "mpi/mpirun.sh", "-H", "localhost:2", "--iface", "ib0", "--ssh-port",
+               "12345", "--dry-run", TINY, "train.steps=2"], env={"HOROVOD_LOG_LEVEL": "info"})
+    assert proc.returncode == 0, proc.stderr
+    line = shlex.split(proc.stdout)
+    i = line.index(sys.executable)
+    assert line[i:] == [sys.executable, "-m", "hvd_llama.train", "--config", TINY,
+                        "train.steps=2"]
+    pairs = set(zip(line, line[1:]))
+    for pair in [("-bind-to", "none"), ("-map-by", "slot"), ("-x", "HOROVOD_LOG_LEVEL"),
+                 ("-x", "NCCL_SOCKET_IFNAME"), ("-x", "NCCL_DEBUG"), ("-x", "PATH"),
+                 ("btl_tcp_if_include", "ib0"), ("plm_rsh_args", "-p 12345")]:
+        assert pair in pairs, (pair, line)
+    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "--iface", "ib0", "--gloo",
+               "--ssh-port", "12345", "--dry-run", TINY])
+    assert shlex.split(proc.stdout)[:11] == ["horovodrun", "-np", "2", "-H", "localhost:2",
+                                             "--gloo", "-p", "12345", "--network-interfaces",
+                                             "ib0", sys.executable]
+
+
+def slurm(*args, **env):
+    return sh(["bash", "mpi/slurm.sbatch", *args], env={"DRY_RUN": "1", **env})
+
+
+def test_slurm_dry_run_prints_the_srun_and_mpirun_lines(tmp_path):
+    image = tmp_path / "hvd_llama.sif"
+    image.write_bytes(b"")
+    proc = slurm("configs/tiny.yaml", "train.steps=10", NODES="2", TASKS_PER_NODE="8",
+                 IMAGE=str(image))
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout) == [
+        "srun", "--mpi=pmix", "--nodes=2", "--ntasks-per-node=8", "--cpu-bind=none",
+        "--kill-on-bad-exit=1", "apptainer", "exec", "--nv", str(image), "python", "-m",
+        "hvd_llama.train", "--config", TINY, "train.steps=10"]
+    # Inside an allocation Slurm's own figures win over NODES/TASKS_PER_NODE.
+    proc = slurm("configs/tiny.yaml", SLURM_JOB_NUM_NODES="4", SLURM_NTASKS_PER_NODE="4",
+                 NODES="2", TASKS_PER_NODE="8", IMAGE=str(image), LAUNCHER="mpirun")
+    line = shlex.split(proc.stdout)
+    assert line[:5] == ["mpirun", "-np", "16", "--map-by", "ppr:4:node"], line
+    assert line[line.index("apptainer"):][:4] == ["apptainer", "exec", "--nv", str(image)]
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({}, ["configs/nope.yaml"], "config configs/nope.yaml: no such file"),
+    ({"IMAGE": "nope.sif"}, ["configs/tiny.yaml"], "image nope.sif: no such file"),
+    ({"IMAGE": "IMG"}, ["configs/tiny.yaml"], "no Slurm allocation"),
+    ({"IMAGE": "IMG", "NODES": "1", "TASKS_PER_NODE": "2", "LAUNCHER": "ssh"},
+     ["configs/tiny.yaml"], "LAUNCHER=ssh: expected srun or mpirun"),
+], ids=["config", "image", "allocation", "launcher"])
+def test_slurm_refuses_bad_input(env, args, message, tmp_path):
+    if env.get("IMAGE") == "IMG":
+        env["IMAGE"] = str(tmp_path / "img.sif")
+        (tmp_path / "img.sif").write_bytes(b"")
+    proc = slurm(*args, **env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("mpi/slurm.sbatch: " + message), proc.stderr
+
+
+def test_horovodrun_gloo_refuses_a_host_name_that_does_not_resolve(tmp_path):
+    # Gloo looks up the host's own name in hvd.init() and segfaults when it does not resolve
+    # (seen in podman build); a `hostname` earlier on PATH stands in for such a host.
+    fake = tmp_path / "hostname"
+    fake.write_text("#!/bin/sh\necho no-such-host.invalid\n")
+    fake.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{LAUNCH_ENV['PATH']}"
+    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "--gloo", TINY],
+              env={"PATH": path})
+    assert (proc.returncode, proc.stderr) == (2, (
+        "mpi/horovodrun.sh: this host's name no-such-host.invalid does not resolve (add it to "
+        "/etc/hosts); Gloo needs it\n"))
+    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "--dry-run", TINY],
+              env={"PATH": path})
+    assert proc.returncode == 0, proc.stderr  # MPI does not look the name up
