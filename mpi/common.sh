@@ -60,7 +60,7 @@ read_hostfile() {
 }
 
 read_hostlist() {
-  local entry
+  local entry entries
   IFS=, read -ra entries <<< "$1"
   for entry in "${entries[@]}"; do
     [[ $entry == *:* ]] || die "-H $1: '$entry' is not HOST:SLOTS"
@@ -72,13 +72,17 @@ parse_args() {
   local hostlist="" hostfile=""
   while [ $# -gt 0 ]; do
     case $1 in
-      -H) hostlist=${2:?}; shift 2 ;;
-      --hostfile) hostfile=${2:?}; shift 2 ;;
-      -np) NP=${2:?}; shift 2 ;;
+      -H | --hostfile | -np | --iface | --ssh-port | --container)
+        [ -n "${2:-}" ] || die "$1 needs a value" ;;
+    esac
+    case $1 in
+      -H) hostlist=$2; shift 2 ;;
+      --hostfile) hostfile=$2; shift 2 ;;
+      -np) NP=$2; shift 2 ;;
       --gloo | --mpi) CONTROLLER=${1#--}; shift ;;
-      --iface) IFACE=${2:?}; shift 2 ;;
-      --ssh-port) SSH_PORT=${2:?}; shift 2 ;;
-      --container) CONTAINER=${2:?}; shift 2 ;;
+      --iface) IFACE=$2; shift 2 ;;
+      --ssh-port) SSH_PORT=$2; shift 2 ;;
+      --container) CONTAINER=$2; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
       -h | --help) usage ;;
       -*) die "unknown option $1 (see --help)" ;;

@@ -108,6 +108,8 @@ def test_launchers_refuse_a_missing_config_and_a_malformed_hostfile(tmp_path):
                "got 'node1 slots 8'\n")
     proc = sh(["bash", "mpi/mpirun.sh", "--gloo", "-H", "localhost:2", TINY])
     assert proc.returncode == 2 and "--gloo is horovodrun's" in proc.stderr
+    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "-np"])
+    assert (proc.returncode, proc.stderr) == (2, "mpi/horovodrun.sh: -np needs a value\n")
 
 
 def test_launcher_dry_run_passes_interface_port_and_environment():
