@@ -5,6 +5,8 @@
 # make bench-serving  generation latency with/without the KV cache; import-hf of a 1 GB checkpoint
 # make bench-peers  configs/small.yaml through hvd_llama, keras-hub fit, MultiWorkerMirroredStrategy
 #              and PyTorch eager/DDP, 1 and $(NP) processes; allreduce bandwidth (Gloo and MPI)
+# make bench-strategies  dist.strategy horovod/mirrored/hybrid on configs/tiny.yaml and small.yaml
+#              (logical CPU devices on a host without GPUs)
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
 #              EXTRAS= the setup.cfg extras (the images: none, or gpu)
@@ -18,7 +20,8 @@ NP ?= 2
 EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers image-test clean
+.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers \
+	bench-strategies image-test clean
 
 setup: $(STAMP)
 
@@ -55,6 +58,9 @@ bench-serving: setup
 
 bench-peers: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/peers.py --processes $(NP)
+
+bench-strategies: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/strategies.py
 
 image-test:
 	bash docker/image-test.sh

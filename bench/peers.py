@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 
-from steps import REPO, hvd_llama_bench
+from steps import REPO, hvd_llama_bench, replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_VENV = os.path.join(HERE, ".peers-venv")
@@ -221,13 +221,7 @@ def write(result, args):
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(result, stem + ".png")
-    with open(args.benchmarks) as f:
-        text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1]
-        with open(args.benchmarks, "w") as f:
-            f.write(text)
+    replace_section(args.benchmarks, BEGIN, END, lines)
     print("\n".join(lines))
     print(f"wrote {stem}.json, .md, .png; the table in {args.benchmarks}")
 

@@ -38,7 +38,7 @@ def main():
         r = {"precision": precision, "remat": remat, "xla": jit,
              "tokens_per_s": b["tokens_per_s"], "peak_over_base_gib": b["peak_rss_over_start_gib"],
              "matmul_peak_tflops": b["peak_tflops_per_process"], "mfu": b["mfu"]}
-        r["plan_activations_gib"] = plan.memory_per_process(
+        r["plan_activations_gib"] = plan.memory_per_replica(
             config.load(SMALL, overrides), 1)["activations"] / plan.GIB
         rows.append(r)
     ref = rows[0]

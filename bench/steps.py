@@ -1,5 +1,6 @@
 """Shared by the benchmarks: `python -m hvd_llama.bench ARGS` in a fresh process (alone, or
-under horovodrun on this host with the given controller), its result as a dict."""
+under horovodrun on this host with the given controller), its result as a dict; and the
+rewriting of a benchmark's table in BENCHMARKS.md."""
 
 import json
 import os
@@ -10,11 +11,12 @@ import tempfile
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
-def hvd_llama_bench(args, processes=1, controller=None):
+def hvd_llama_bench(args, processes=1, controller=None, launch=False):
+    """launch: under horovodrun even for one process (dist.strategy=hybrid needs a launcher)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")  # horovodrun may cut long stdout lines
         cmd = [sys.executable, "-m", "hvd_llama.bench", *args, "--output", result]
-        if processes > 1:
+        if processes > 1 or launch:
             horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
             cmd = [horovodrun, "-np", str(processes), "-H", f"localhost:{processes}",
                    *([f"--{controller}"] if controller else []), *cmd]
@@ -24,3 +26,14 @@ def hvd_llama_bench(args, processes=1, controller=None):
             sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
         with open(result) as f:
             return json.load(f)
+
+
+def replace_section(path, begin, end, lines):
+    """Put `lines` between the marker lines `begin` and `end` of the Markdown file at path (if
+    it has them): each run of a benchmark rewrites its own table."""
+    with open(path) as f:
+        text = f.read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        with open(path, "w") as f:
+            f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])

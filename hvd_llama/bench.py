@@ -5,11 +5,12 @@
     horovodrun -np 2 -H localhost:2 python -m hvd_llama.bench allreduce [--json]
 
 The first form times the training step of a config on random tokens (no data on disk): tokens/s
-per process and in all; the step split into compute (forward and backward), allreduce and the
-rest (the update), each timed on its own; MFU against the device's peak (on a CPU, a matmul
-measured at start, all processes at once); peak memory; and scaling efficiency, tokens/s of N
-processes over N times one process given a rank's share of the host (--single TOKENS_PER_S, or
---measure-single: rank 0 runs that one process first while the others wait).
+per process and in all; the step split into compute (forward and backward, and the mean over a
+process's devices under dist.strategy mirrored/hybrid), allreduce and the rest (the update), each
+timed on its own; MFU against the device's peak (on a CPU, a matmul measured at start, all
+processes at once); peak memory; and scaling efficiency, tokens/s of N processes over N times
+one process given a rank's share of the host (--single TOKENS_PER_S, or --measure-single: rank 0
+runs that one process first while the others wait).
 
 `allreduce` measures Horovod's allreduce (the launcher's controller: Gloo or MPI, NCCL for GPU
 tensors) from 1 KB to 256 MB of float32, with fp16 compression off and on: bus bandwidth in
@@ -44,10 +45,7 @@ def main(argv=None):
     try:
         from hvd_llama import config as config_lib, distributed as dist
         c = config_lib.load(args.config, args.overrides) if what == "step" else None
-        dist.init(c.dist if c else None)
-        if args.threads:
-            import tensorflow as tf
-            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        dist.init(c.dist if c else None, threads=args.threads)
         result = run_step(c, args) if what == "step" else run_allreduce(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -89,16 +87,16 @@ def run_step(c, args):
     the figures of all processes on rank 0 (None elsewhere)."""
     import numpy as np
     import tensorflow as tf
-    from hvd_llama import config as config_lib, distributed as dist, plan, trainer
-    n = dist.size()
-    micro = config_lib.micro_batch(c, n)
+    from hvd_llama import config as config_lib, distributed as dist, plan, replicas, trainer
+    n, d = dist.size(), replicas.count()
+    micro = config_lib.micro_batch(c, n * d)
     single = args.single or (measure_single(args, n) if args.measure_single else 0.0)
 
     start_rss = rss_gib()  # TensorFlow loaded, nothing built
     model, optimizer, jit = trainer.build(c)
     peak, peak_source = trainer.peak_tflops(c)
     tokens = tf.constant(np.random.default_rng(dist.rank()).integers(
-        0, c.model.vocab_size, (c.train.grad_accum, micro, c.data.seq_len + 1), np.int32))
+        0, c.model.vocab_size, (c.train.grad_accum, micro * d, c.data.seq_len + 1), np.int32))
     step = trainer.make_train_step(model, optimizer, jit)
     gradients = trainer.make_gradients(model, jit)
     allreduce = tf.function(lambda g: dist.allreduce_gradients(g, compression=c.dist.compression))
@@ -124,6 +122,7 @@ def run_step(c, args):
     tokens_per_s = c.train.global_batch * c.data.seq_len / step_s
     flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
     r = {"config": args.config, "overrides": args.overrides, "processes": n,
+         "strategy": c.dist.strategy, "devices_per_process": d,
          "hosts": world["hosts"], "controller": world["controller"],
          "threads_per_process": tf.config.threading.get_intra_op_parallelism_threads(),
          "precision": c.train.precision, "xla": jit, "remat": c.train.remat,
@@ -203,7 +202,8 @@ def _target(what, value, at_least):
 
 def step_table(r):
     lines = [f"{r['config']} {' '.join(r['overrides'])}: {r['processes']} process(es) x "
-             f"{r['threads_per_process']} threads on {', '.join(r['hosts'])} "
+             f"{r['devices_per_process']} device(s) x {r['threads_per_process']} threads on "
+             f"{', '.join(r['hosts'])} "
              f"(controller {r['controller']}); {r['precision']}, XLA {r['xla']}, "
              f"remat {r['remat']}; global batch {r['global_batch']} x {r['seq_len']} tokens",
              "| figure | value |", "|---|---:|",

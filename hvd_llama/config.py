@@ -72,6 +72,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    # How the replicas (one per device) are laid out: "horovod", one process per device;
+    # "mirrored", one process over several devices (tf.distribute.MirroredStrategy, no
+    # launcher); "hybrid", one process per host mirroring over its devices, Horovod between.
+    strategy: str = "horovod"
+    # mirrored/hybrid: this process's devices, comma-separated ("GPU:0,GPU:1"); "" = its GPUs
+    # (hybrid: its share of the host's), or without GPUs its logical CPUs (below).
+    devices: str = ""
+    logical_cpus: int = 0  # mirrored/hybrid: split the CPU into N devices (tests, CPU hosts)
     # Horovod's knobs, exported as its HOROVOD_* variables before it starts (they win over
     # horovodrun's flags). Defaults are Horovod's own.
     compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
@@ -144,16 +152,18 @@ _CHOICES = {
     "train.jit_compile": ("auto", "true", "false"),
     "train.on_nonfinite": ("stop", "skip"),
     "dist.compression": ("none", "fp16"),
+    "dist.strategy": ("horovod", "mirrored", "hybrid"),
 }
 
 
-def micro_batch(c, processes):
-    """Sequences per micro-batch on each process; a UserError if the global batch does not
-    split evenly over `processes` x train.grad_accum."""
-    parts = processes * c.train.grad_accum
+def micro_batch(c, replicas):
+    """Sequences per micro-batch on each replica (one device; under dist.strategy=horovod, one
+    process); a UserError if the global batch does not split evenly over `replicas` x
+    train.grad_accum."""
+    parts = replicas * c.train.grad_accum
     if c.train.global_batch % parts:
         raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
-                        f"{processes} process(es) x train.grad_accum {c.train.grad_accum}")
+                        f"{replicas} replica(s) x train.grad_accum {c.train.grad_accum}")
     return c.train.global_batch // parts
 
 
@@ -210,7 +220,7 @@ def validate(c):
         "train.eval_every": c.train.eval_every, "train.eval_batches": c.train.eval_batches,
         "train.peak_tflops": c.train.peak_tflops,
         "dist.fusion_threshold_mb": c.dist.fusion_threshold_mb,
-        "dist.cycle_time_ms": c.dist.cycle_time_ms,
+        "dist.cycle_time_ms": c.dist.cycle_time_ms, "dist.logical_cpus": c.dist.logical_cpus,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -232,6 +242,11 @@ def validate(c):
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             raise UserError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    if c.dist.strategy == "horovod":
+        for key in ("devices", "logical_cpus"):
+            if getattr(c.dist, key):
+                raise UserError(f"'dist.{key}' is for dist.strategy=mirrored or hybrid (one "
+                                "process over several devices); dist.strategy is horovod")
     micro_batch(c, 1)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")

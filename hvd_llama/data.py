@@ -9,11 +9,13 @@ seq_len; the windows of all train shards, in manifest order, are sequences 0..n-
 
 Row j of the endless stream of rows is sequence perm_e(j mod n) of epoch e = j // n, where
 perm_e is a stateless shuffle seeded by (train.seed, e). Micro-batch m reads global rows
-[first + m*b*P, first + (m+1)*b*P) for P processes of micro-batch b, and rank r of them only
-rows [r*b, (r+1)*b); an optimizer step is k consecutive micro-batches, so it reads the global
-batch G = k*b*P rows [first + s*G, first + (s+1)*G). The global batch of a step therefore holds
-the same sequences whatever the number of processes and micro-batches, every sequence of an
-epoch is read exactly once, and the ranks' shares never differ by a single sequence. Nothing
+[first + m*b*P, first + (m+1)*b*P) for P replicas of micro-batch b, and replica r of them only
+rows [r*b, (r+1)*b); a process of d replicas (dist.strategy mirrored/hybrid) reads its
+replicas' rows as one batch of d*b, which the trainer splits in order. An optimizer step is
+k consecutive micro-batches, so it reads the global batch G = k*b*P rows [first + s*G,
+first + (s+1)*G). The global batch of a step therefore holds the same sequences whatever the
+number of processes, devices and micro-batches, every sequence of an epoch is read exactly
+once, and the replicas' shares never differ by a single sequence. Nothing
 depends on history: a checkpoint records the rows consumed and a resumed run reads exactly what
 an uninterrupted one would.
 """

@@ -4,8 +4,10 @@ Horovod's own Keras wrapper (`horovod.tensorflow.keras`) does not work with Kera
 `Variable.ref()` and hooks optimizer methods Keras 3 never calls. Its core TensorFlow ops do
 work, given the `tf.Variable` behind each Keras variable (`v.value`), and that is all we use.
 
-When the process was not started by horovodrun/mpirun/srun, this falls back to one plain
-process without importing Horovod at all: every collective is then the identity.
+When the process was not started by horovodrun/mpirun/srun, or runs dist.strategy=mirrored,
+this falls back to one plain process without importing Horovod at all: every collective is then
+the identity. Under dist.strategy=hybrid a process holds several replicas (replicas.py); the
+gradients reach `apply` already averaged over them, so Horovod sees one process as one.
 """
 
 import os
@@ -15,16 +17,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_llama.launcher import launched
+from hvd_llama import replicas
+from hvd_llama.errors import UserError
+from hvd_llama.launcher import launched, launched_size
 
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
 
 
-def init(dc=None, run_dir="."):
-    """Start Horovod (under a launcher) with DistConfig `dc`'s knobs, and pin this process to
-    one GPU, if there are GPUs."""
+def init(dc=None, run_dir=".", threads=0):
+    """Start Horovod (under a launcher, unless dist.strategy is mirrored) with DistConfig
+    `dc`'s knobs, set the CPU threads (0: the host's cores over its processes), then choose
+    this process's devices (replicas.setup: TensorFlow's runtime starts there)."""
     global _hvd
-    if launched() and _hvd is None:
+    strategy = dc.strategy if dc is not None else "horovod"
+    if strategy == "mirrored" and launched_size() > 1:
+        raise UserError(f"dist.strategy=mirrored runs as one process, but the launcher started "
+                        f"{launched_size()}: run it without horovodrun/mpirun, or use "
+                        "dist.strategy=hybrid (one process per host)")
+    if strategy == "hybrid" and not launched():
+        raise UserError("dist.strategy=hybrid runs one process per host under horovodrun, "
+                        "mpirun or srun, and none started this one (dist.strategy=mirrored is "
+                        "the one-process form)")
+    if launched() and strategy != "mirrored" and _hvd is None:
         if dc is not None:
             os.environ.update(horovod_env(dc, run_dir,
                                           bool(tf.config.list_physical_devices("GPU"))))
@@ -34,16 +48,11 @@ def init(dc=None, run_dir="."):
         import horovod.tensorflow as hvd  # noqa: the one Horovod import of hvd_llama
         hvd.init()
         _hvd = hvd
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    if threads or not tf.config.list_physical_devices("GPU"):
         # Processes sharing a host's cores: without this each would start a thread per core.
         tf.config.threading.set_intra_op_parallelism_threads(
-            max(1, os.cpu_count() // local_size()))
-    for gpu in gpus:
-        # Several processes share a host: let each grow into its GPU instead of grabbing all.
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:
-        tf.config.set_visible_devices(gpus[local_rank() % len(gpus)], "GPU")
+            threads or max(1, os.cpu_count() // local_size()))
+    replicas.setup(dc, local_rank(), local_size())
 
 
 # dist.cycle_time_ms=0 on a host without GPUs. Horovod's background thread wakes every cycle to

@@ -23,6 +23,9 @@ def main(argv=None):
                         help="print parameters, FLOPs, batch, memory and tokens; build nothing")
     parser.add_argument("--processes", type=int, default=1,
                         help="with --dry-run: the process count to plan for")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="with --dry-run: devices per process (dist.strategy mirrored, "
+                             "hybrid)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
@@ -31,7 +34,7 @@ def main(argv=None):
         cfg = config.load(args.config, args.overrides)
         if args.dry_run:
             from hvd_llama import plan
-            print("\n".join(plan.describe(cfg, args.processes)))
+            print("\n".join(plan.describe(cfg, args.processes, args.devices)))
             return 0
         # Imported only now, so that `--help` and config errors answer without TensorFlow.
         from hvd_llama import distributed, trainer

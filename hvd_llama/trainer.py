@@ -1,10 +1,12 @@
 """The training loop, top to bottom: data, model, optimizer, restore, steps, checkpoints, export.
 
-Distributed touchpoints, each visible here: the optimizer is wrapped so gradients are averaged
-by Horovod allreduce (inside `optimizer.apply`, once per optimizer step, after the
-micro-batches are accumulated); rank 0's weights and optimizer state are broadcast before the
-first step (`checkpoint.restore`); the logged loss is averaged over all processes; only rank 0
-prints and writes files.
+Distributed touchpoints, each visible here: the model and optimizer are built under
+dist.strategy's tf.distribute strategy (replicas.py: a copy per device under mirrored/hybrid),
+whose replicas' gradients are averaged inside the process; the optimizer is wrapped so gradients
+are averaged between processes by Horovod allreduce (inside `optimizer.apply`, once per optimizer
+step, after the micro-batches are accumulated); rank 0's weights and optimizer state are
+broadcast before the first step (`checkpoint.restore`); the logged loss is averaged over all
+processes; only rank 0 prints and writes files.
 """
 
 import datetime
@@ -19,32 +21,43 @@ import numpy as np
 import tensorflow as tf
 
 from hvd_llama import checkpoint, data, distributed as dist, export, hardware
-from hvd_llama import model as model_lib, optim, plan
+from hvd_llama import model as model_lib, optim, plan, replicas
 from hvd_llama import config as config_lib
 from hvd_llama.atomic import atomic_path, write_bytes
 from hvd_llama.errors import UserError
 
 
+def token_loss(model, tokens, training):
+    """Mean next-token cross-entropy of int32 [b, seq_len + 1] tokens, in float32.
+
+    A plain mean: Keras's loss classes divide by the replica count under a tf.distribute
+    strategy, expecting their sum; replicas.mean averages instead."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, seq_len] each, shifted by one
+    # An int32 padding mask: keras-hub's bool mask breaks under MirroredStrategy (AddN on bool).
+    logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
+                   training=training)  # [b, seq_len, vocab], in the compute dtype
+    return tf.reduce_mean(keras.ops.sparse_categorical_crossentropy(
+        targets, tf.cast(logits, tf.float32), from_logits=True))
+
+
 def make_gradients(model, jit_compile=False):
-    """(int32 [k, b, seq_len + 1] micro-batches, loss scale) -> (mean loss, mean gradients) of
-    this process's k micro-batches: the forward and backward passes, compiled with XLA when
-    jit_compile is set. No communication."""
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    """(int32 [k, d*b, seq_len + 1]: this process's k micro-batches of b sequences for each of
+    its d replicas, loss scale) -> (mean loss, mean gradients) over all of them. Each replica
+    runs the forward and backward passes of its share, compiled with XLA when jit_compile is
+    set; the replicas' results are then averaged inside the process. No communication between
+    processes."""
     variables = model.trainable_variables
 
     def micro_step(tokens, scale):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, seq_len] each, shifted by one
         with tf.GradientTape() as tape:
-            logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
-                           training=True)  # [b, seq_len, vocab], in the compute dtype
-            loss = loss_fn(targets, tf.cast(logits, tf.float32))  # mean over b * seq_len
+            loss = token_loss(model, tokens, training=True)
             scaled_loss = loss * scale  # float16: lift small gradients above underflow
-        # The embedding's gradient comes as IndexedSlices; the accumulator and Horovod's
-        # allreduce want it dense.
+        # The embedding's gradient comes as IndexedSlices; the accumulator and the
+        # all-reduces want it dense.
         return loss, [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
 
     @tf.function(jit_compile=jit_compile)
-    def gradients(micro_batches, scale):
+    def replica_gradients(micro_batches, scale):  # [k, b, seq_len + 1]: this replica's
         loss, grads = micro_step(micro_batches[0], scale)
         for j in tf.range(1, tf.shape(micro_batches)[0]):  # a graph loop, not k copies
             more_loss, more = micro_step(micro_batches[j], scale)
@@ -53,16 +66,28 @@ def make_gradients(model, jit_compile=False):
         k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
         return loss / k, [g / k for g in grads]  # equal micro-batches: the mean of means
 
+    def replica(micro_batches, scale):
+        # Replica i of d takes sequences [i*b, (i+1)*b) of each micro-batch (data.py's rows).
+        ctx = tf.distribute.get_replica_context()
+        shape = tf.shape(micro_batches)
+        mine = tf.reshape(micro_batches, [shape[0], ctx.num_replicas_in_sync, -1, shape[2]])
+        return replica_gradients(mine[:, ctx.replica_id_in_sync_group], scale)
+
+    @tf.function
+    def gradients(micro_batches, scale):
+        return replicas.mean(replicas.strategy().run(replica, args=(micro_batches, scale)))
+
     return gradients
 
 
 def make_train_step(model, optimizer, jit_compile=False):
-    """One optimizer step over int32 [k, b, seq_len + 1]: k micro-batches of b sequences.
+    """One optimizer step over int32 [k, d*b, seq_len + 1]: k micro-batches of b sequences for
+    each of this process's d replicas.
 
-    The forward and backward passes (make_gradients) run in one function, compiled with XLA
-    when jit_compile is set; the allreduce and the update run outside it, so Horovod's ops
-    never need an XLA lowering. Returns (mean loss, global norm of the averaged gradients,
-    the learning rate this step used)."""
+    The forward and backward passes (make_gradients) run in one function per replica, compiled
+    with XLA when jit_compile is set; the allreduce and the update run outside it, so Horovod's
+    ops never need an XLA lowering, and outside the strategy's scope (replicas.py). Returns
+    (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
     variables = model.trainable_variables
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
     gradients = make_gradients(model, jit_compile)
@@ -80,45 +105,41 @@ def make_train_step(model, optimizer, jit_compile=False):
 
 def build(c):
     """(model, its DistributedOptimizer, whether the gradients run under XLA) for Config c."""
-    model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
-    optimizer = dist.DistributedOptimizer(
-        optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
-        compression=c.dist.compression)
-    optimizer.build(model.trainable_variables)  # create its variables so they can be restored
+    with replicas.strategy().scope():  # mirrored/hybrid: a copy of every variable per device
+        model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
+        optimizer = dist.DistributedOptimizer(
+            optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
+            compression=c.dist.compression)
+        optimizer.build(model.trainable_variables)  # its variables exist before a restore
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
     return model, optimizer, jit
 
 
 def peak_tflops(c):
-    """(the device's peak TFLOP/s per process, where it comes from), the same on every rank.
+    """(the devices' peak TFLOP/s per process, where it comes from), the same on every rank.
     A CPU's peak is measured: with every process measuring at once, each sees its share of
-    the cores."""
+    the cores (logical CPU devices share them too)."""
     dist.barrier()
     peak, source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
+    if tf.config.get_visible_devices("GPU") and not c.train.peak_tflops:
+        peak *= replicas.count()  # a datasheet figure is per GPU
     return float(dist.allreduce_mean(peak)), source
 
 
 def make_eval_step(model):
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    @tf.function
-    def eval_step(batch):  # int32 [b, seq_len + 1]
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
-                       training=False)
-        return loss_fn(targets, tf.cast(logits, tf.float32))
-
-    return eval_step
+    """The validation loss of int32 [b, seq_len + 1], on the first replica's device."""
+    return tf.function(lambda batch: token_loss(model, batch, training=False))
 
 
 def run(config):
     """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
     c, run_dir = config, config.run.dir
-    micro = config_lib.micro_batch(c, dist.size())  # the same verdict on every rank
+    d = replicas.count()  # replicas (devices) in this process: 1 under dist.strategy=horovod
+    micro = config_lib.micro_batch(c, dist.size() * d)  # the same verdict on every rank
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    if not on_gpu:
-        plan.check_fits(c, dist.size(), dist.local_size())  # refuse instead of running out
+    if not on_gpu:  # refuse instead of running out
+        plan.check_fits(c, dist.size() * d, dist.local_size() * d)
     resume_meta = checkpoint.check_run_dir(c)  # refuses bad run dirs before any compute
     if dist.is_chief():
         os.makedirs(run_dir, exist_ok=True)
@@ -130,7 +151,7 @@ def run(config):
     dataset = data.Prepared(path, c.model.vocab_size,
                             verify=c.data.verify and dist.local_rank() == 0)
     train_seqs = dataset.sequences("train", c.data.seq_len)
-    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), micro,
+    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), micro * d,
                                   c.train.eval_batches, dist.rank(), dist.size())
     model, optimizer, jit = build(c)
     checkpoint.restore(resume_meta, model, optimizer)  # then broadcast from rank 0
@@ -144,8 +165,9 @@ def run(config):
     if dist.is_chief():
         print(f"hvd_llama: {world['size']} process(es) on {len(world['hosts'])} host(s) "
               f"({', '.join(world['hosts'])}), controller {world['controller']}, "
-              f"tensor ops {world['tensor_ops']}", flush=True)
-        for line in plan.describe(c, dist.size()):
+              f"tensor ops {world['tensor_ops']}; dist.strategy={c.dist.strategy}: "
+              f"{replicas.describe()}", flush=True)
+        for line in plan.describe(c, dist.size(), d):
             print(line, flush=True)
         print(f"compute: {c.train.precision}, XLA {'on' if jit else 'off'}, remat "
               f"{'on' if c.train.remat else 'off'}; peak {peak:.3g} TFLOP/s per process "
@@ -155,7 +177,7 @@ def run(config):
               f"{len(val)} validation batches; this run: steps {start + 1}..{c.train.steps}",
               flush=True)
 
-    batches = data.dataset(train_seqs, micro, c.train.seed, first_row=rows,
+    batches = data.dataset(train_seqs, micro * d, c.train.seed, first_row=rows,
                            steps=c.train.steps - start, rank=dist.rank(), size=dist.size(),
                            accum=c.train.grad_accum)
     train_step, eval_step = make_train_step(model, optimizer, jit), make_eval_step(model)

@@ -1,9 +1,12 @@
 """Helpers for tests that run hvd_llama as real processes, alone or under horovodrun."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hvd_llama.launcher import plain_env
@@ -12,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 WORKER = os.path.join(REPO, "tests", "mp_worker.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+CONTROLLERS = ["gloo", "mpi"]
+STEPS = 5  # of the equivalence runs: all inside tiny's warmup, so train.steps may differ
 # The single-process runs must not think they were launched.
 ENV = {**plain_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 
@@ -34,6 +39,13 @@ def horovodrun(controller, args, check=True):
                 sys.executable, *args], check=check)
 
 
+def rank_lines(proc):
+    """What the ranks of a horovodrun job printed: horovodrun prefixes it with [rank] (Gloo) or
+    [1,rank] (MPI). horovodrun's own report of a failed job, after them, is not ours to judge."""
+    return [line for line in (proc.stdout + proc.stderr).splitlines()
+            if re.match(r"^\[(\d+,)?\d+\]<std(out|err)>:", line)]
+
+
 def train_cli(*overrides, check=True):
     return run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, *overrides],
                check=check)
@@ -51,3 +63,44 @@ def short(cache_dir):
     at 3 and 6."""
     return [f"data.cache_dir={cache_dir}", "train.steps=6", "train.global_batch=4",
             "train.log_every=1", "train.checkpoint_every=3"]
+
+
+def arrays(path):
+    """The arrays of an .npz in the order they were saved."""
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def losses(out):
+    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+def assert_trains_like(out, reference, steps=STEPS):
+    """OUT's run logged the reference's loss at every step and ended with its weights (rank 0's),
+    to float32 rounding."""
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=1e-5)
+    assert len(losses(out)) == steps
+    for a, b in zip(arrays(os.path.join(out, "rank0.npz")),
+                    arrays(os.path.join(reference, "rank0.npz")), strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def train_args(out, cache_dir, *overrides, steps=STEPS):
+    """mp_worker's tiny run for `steps` steps at global batch 8, whatever the process and
+    device count, in OUT/run."""
+    return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
+            f"train.steps={steps}", "train.global_batch=8", "train.log_every=1",
+            f"train.checkpoint_every={steps}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory, cache_dir):
+    """The reference: 1 process x batch 8."""
+    out = str(tmp_path_factory.mktemp("np1"))
+    run([sys.executable, *train_args(out, cache_dir)])
+    return out

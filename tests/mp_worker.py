@@ -1,7 +1,8 @@
 """Test workers: run alone or under `horovodrun -np 2`, each rank writes what it saw to OUT.
 
     python tests/mp_worker.py train OUT [section.key=value ...]
-        trains configs/tiny.yaml with the overrides; OUT/rank<r>.npz = final weights
+        trains configs/tiny.yaml with the overrides; OUT/rank<r>.npz = final weights,
+        OUT/rank<r>-copies.json = how many device copies each weight has, and their spread
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
@@ -9,6 +10,7 @@
         model.fit with the DistributedOptimizer; OUT/rank<r>.npz holds the arrays
 """
 
+import json
 import os
 import sys
 
@@ -23,11 +25,16 @@ def weights(model):
 
 
 def train(out, overrides):
-    from hvd_llama import config, distributed as dist, trainer
+    from hvd_llama import config, distributed as dist, replicas, trainer
     cfg = config.load(TINY, overrides)
     dist.init(cfg.dist, cfg.run.dir)
     model, _ = trainer.run(cfg)
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
+    # Every device's copy of every weight (one copy outside mirrored/hybrid), against the first.
+    copies = [replicas.strategy().experimental_local_results(v.value) for v in model.weights]
+    spread = max(float(np.max(np.abs(c.numpy() - cs[0].numpy()))) for cs in copies for c in cs)
+    with open(os.path.join(out, f"rank{dist.rank()}-copies.json"), "w") as f:
+        json.dump({"copies": len(copies[0]), "spread": spread}, f)
 
 
 def data(out, path):

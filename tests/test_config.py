@@ -42,6 +42,10 @@ def test_frozen():
     (["train.weight_decay=-0.1"], "train.weight_decay"),
     (["model.num_query_heads=6", "model.num_key_value_heads=4"], "model.num_query_heads"),
     (["dist.compression=int8"], "dist.compression"),
+    (["dist.strategy=parameter_server"], "dist.strategy"),
+    (["dist.devices=GPU:0"], "dist.devices"),  # horovod: one device per process
+    (["dist.logical_cpus=2"], "dist.logical_cpus"),
+    (["dist.strategy=mirrored", "dist.logical_cpus=-1"], "dist.logical_cpus"),
     (["data.path=/no/such/dir"], "/no/such/dir"),
     (["run.dir="], "run.dir"),
     (["steps=3"], "steps=3"),

@@ -70,6 +70,15 @@ def test_dry_run_prints_the_plan_and_builds_nothing():
     assert "tensorflow" not in proc.stderr.lower()
 
 
+def test_dry_run_splits_the_batch_over_the_devices_of_each_process():
+    proc = run([sys.executable, "-m", "hvd_llama.train", "--config",
+                os.path.join(CONFIGS, "llama-7b.yaml"), "--dry-run", "--processes", "8",
+                "--devices", "8"])
+    # 2048 sequences over 64 devices and 8 micro-batches: 4 sequences per micro-batch.
+    assert "= 8 process(es) x 8 device(s) x 8 micro-batch(es) x 4 sequences" in proc.stdout
+    assert "memory per device (bfloat16, remat)" in proc.stdout
+
+
 def test_a_model_too_big_for_this_host_is_refused_before_any_weight(tmp_path):
     proc = train_cli("--config", os.path.join(CONFIGS, "llama-7b.yaml"),
                      f"run.dir={tmp_path / 'r'}", check=False)

@@ -5,46 +5,14 @@ Each fixture launches once and every rank writes what it saw; the tests read tho
 
 import json
 import os
-import re
 import shutil
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY, WORKER, horovodrun, run
-
-CONTROLLERS = ["gloo", "mpi"]
-STEPS = 5
-
-
-def arrays(path):
-    with np.load(path) as f:
-        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
-
-
-def losses(out):
-    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
-def rel_err(a, b):
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
-def train_args(out, cache_dir, *overrides):
-    """The tiny config for STEPS steps at global batch 8, whatever the process count."""
-    return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
-            f"train.steps={STEPS}", "train.global_batch=8", "train.log_every=1",
-            f"train.checkpoint_every={STEPS}", *overrides]
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, cache_dir):
-    """The reference: 1 process x batch 8."""
-    out = str(tmp_path_factory.mktemp("np1"))
-    run([sys.executable, *train_args(out, cache_dir)])
-    return out
+from conftest import (CONTROLLERS, TINY, WORKER, arrays, assert_trains_like, horovodrun, rel_err,
+                      rank_lines, run, train_args)
 
 
 @pytest.fixture(scope="module", params=CONTROLLERS)
@@ -60,11 +28,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(one_process, two_proc
     controller, out, stdout = two_processes
     assert "2 process(es) on 1 host(s)" in stdout and f"controller {controller}" in stdout
     assert "8 sequences = 2,048 tokens = 2 process(es) x 1 micro-batch(es) x 4" in stdout
-    np.testing.assert_allclose(losses(out), losses(one_process), rtol=1e-5)
-    assert len(losses(out)) == STEPS
-    single = arrays(os.path.join(one_process, "rank0.npz"))
-    for a, b in zip(arrays(os.path.join(out, "rank0.npz")), single):
-        assert rel_err(a, b) < 1e-5
+    assert_trains_like(out, one_process)
 
 
 def test_horovod_timeline_records_the_allreduces(two_processes):
@@ -146,10 +110,7 @@ def test_bad_run_dir_stops_every_rank_with_one_line(two_processes, tmp_path):
                                    f"run.dir={other}", "train.resume=true",
                                    "model.hidden_dim=128"], check=False)
     assert proc.returncode != 0
-    # What the ranks printed: horovodrun prefixes it with [rank] (Gloo) or [1,rank] (MPI).
-    # horovodrun's own report of the failed job, after them, is not ours to judge.
-    ranks = [line for line in (proc.stdout + proc.stderr).splitlines()
-             if re.match(r"^\[(\d+,)?\d+\]<std(out|err)>:", line)]
+    ranks = rank_lines(proc)
     assert not [line for line in ranks if "Traceback" in line]
     for rank in (0, 1):
         errors = [line for line in ranks if f"error (rank {rank}): " in line]

@@ -74,7 +74,7 @@ def test_remat_gives_the_same_gradients():
 def test_global_batch_must_divide_over_processes_and_micro_batches():
     c = config.load(TINY, ["train.global_batch=8", "train.grad_accum=2"])
     assert config.micro_batch(c, 2) == 2
-    with pytest.raises(UserError, match="'train.global_batch' 8 does not divide into 3 proc"):
+    with pytest.raises(UserError, match="'train.global_batch' 8 does not divide into 3 repl"):
         config.micro_batch(c, 3)
     with pytest.raises(UserError, match="train.grad_accum 3"):
         config.load(TINY, ["train.grad_accum=3"])
@@ -103,7 +103,7 @@ def test_dry_run_refuses_a_process_count_the_batch_does_not_divide():
     proc = run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, "--dry-run",
                 "--processes", "3"], check=False)
     assert proc.returncode == 2
-    assert "'train.global_batch' 8 does not divide into 3 process(es)" in proc.stderr
+    assert "'train.global_batch' 8 does not divide into 3 replica(s)" in proc.stderr
 
 
 def test_a_launch_the_global_batch_does_not_divide_stops_every_rank(tmp_path, cache_dir):
@@ -112,7 +112,7 @@ def test_a_launch_the_global_batch_does_not_divide_stops_every_rank(tmp_path, ca
                                "train.global_batch=3"], check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
-              if "'train.global_batch' 3 does not divide into 2 process(es)" in line]
+              if "'train.global_batch' 3 does not divide into 2 replica(s)" in line]
     assert errors and all(re.match(r"^\[\d\]<stderr>:error \(rank \d\): ", e) for e in errors)
     assert not os.path.exists(tmp_path / "r")
 
@@ -124,9 +124,9 @@ def test_dry_run_memory_follows_precision_and_remat():
         for remat in (False, True):
             cc = config.load(os.path.join(REPO, "configs", "llama-7b.yaml"),
                              [f"train.precision={precision}", f"train.remat={str(remat).lower()}"])
-            act[precision, remat] = plan.memory_per_process(cc, 64)["activations"]
+            act[precision, remat] = plan.memory_per_replica(cc, 64)["activations"]
     assert act["float32", False] > act["bfloat16", False] > act["bfloat16", True]
-    assert plan.memory_per_process(c, 64)["weights"] == 4 * plan.param_count(c.model)
+    assert plan.memory_per_replica(c, 64)["weights"] == 4 * plan.param_count(c.model)
 
 
 def test_horovod_knobs_become_horovod_variables():

@@ -1,0 +1,124 @@
+"""dist.strategy: horovod, mirrored and hybrid train alike, on the CPU split into logical devices.
+
+The reference is one plain process at global batch 8 (conftest.one_process); mirrored runs 2
+devices of 4 sequences, hybrid 2 processes x 2 devices of 2 sequences, under horovodrun with
+the Gloo and the MPI controller.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (CONTROLLERS, STEPS, TINY, arrays, assert_trains_like, horovodrun,
+                      rank_lines, run, train_args)
+
+MIRRORED = ["dist.strategy=mirrored", "dist.logical_cpus=2"]
+HYBRID = ["dist.strategy=hybrid", "dist.logical_cpus=2"]
+
+
+def copies(out, rank=0):
+    with open(os.path.join(out, f"rank{rank}-copies.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory, cache_dir):
+    out = str(tmp_path_factory.mktemp("mirrored"))
+    proc = run([sys.executable, *train_args(out, cache_dir, *MIRRORED)])
+    return out, proc.stdout
+
+
+def test_mirrored_over_two_devices_trains_like_one_process_with_twice_the_batch(
+        one_process, mirrored):
+    out, stdout = mirrored
+    assert "dist.strategy=mirrored: MirroredStrategy over 2 device(s) per process" in stdout
+    assert "8 sequences = 2,048 tokens = 1 process(es) x 2 device(s) x 1 micro-batch(es) x 4" \
+        in stdout
+    assert_trains_like(out, one_process)
+    assert copies(out) == {"copies": 2, "spread": 0.0}
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_hybrid_two_processes_of_two_devices_train_like_one_process_with_four_times_the_batch(
+        one_process, tmp_path, cache_dir, controller):
+    out = str(tmp_path)
+    stdout = horovodrun(controller, train_args(out, cache_dir, *HYBRID)).stdout
+    assert "2 process(es) on 1 host(s) (" in stdout and f"controller {controller}" in stdout
+    assert "2 process(es) x 2 device(s) x 1 micro-batch(es) x 2 sequences" in stdout
+    assert_trains_like(out, one_process)
+    for rank in (0, 1):  # every copy on every device of every process is the same
+        assert copies(out, rank) == {"copies": 2, "spread": 0.0}
+    for a, b in zip(arrays(os.path.join(out, "rank0.npz")),
+                    arrays(os.path.join(out, "rank1.npz")), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_checkpoint_resumes_under_every_other_strategy(one_process, tmp_path, cache_dir):
+    """One run, a step or two under each strategy in turn, each resuming the last one's
+    checkpoint: horovod (1 process) -> mirrored (2 devices, 2 micro-batches) -> hybrid (Gloo,
+    2 x 2) -> horovod (MPI, 2 processes). It ends where the uninterrupted run ends."""
+    out = str(tmp_path)
+    run([sys.executable, *train_args(out, cache_dir, steps=2)])
+    run([sys.executable, *train_args(out, cache_dir, *MIRRORED, "train.grad_accum=2",
+                                     "train.resume=true", steps=3)])
+    horovodrun("gloo", train_args(out, cache_dir, *HYBRID, "train.resume=true", steps=4))
+    horovodrun("mpi", train_args(out, cache_dir, "train.resume=true", steps=STEPS))
+    assert_trains_like(out, one_process)
+
+
+def test_the_export_of_a_mirrored_run_serves_the_same_logits(one_process, mirrored):
+    import tensorflow as tf
+    tokens = np.random.default_rng(0).integers(0, 8000, (2, 16)).astype(np.int32)
+    logits = []
+    for out in (one_process, mirrored[0]):
+        served = tf.saved_model.load(os.path.join(out, "run", "saved_model", "1"))
+        logits.append(served.signatures["serving_default"](
+            token_ids=tf.constant(tokens), padding_mask=tf.ones_like(tokens))["logits"].numpy())
+    assert logits[0].shape == (2, 16, 8000)
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-3, atol=1e-4)
+
+
+def refused(proc, run_dir, *words):
+    """The run stopped before any compute (no run dir) with one error line naming `words`."""
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, errors
+    assert all(w in errors[0] for w in words), errors[0]
+    assert not os.path.exists(run_dir)
+
+
+def test_hybrid_without_a_launcher_is_refused(tmp_path, cache_dir):
+    run_dir = str(tmp_path / "run")
+    proc = run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, f"run.dir={run_dir}",
+                f"data.cache_dir={cache_dir}", *HYBRID], check=False)
+    refused(proc, run_dir, "dist.strategy=hybrid", "horovodrun")
+
+
+@pytest.mark.parametrize("devices, named", [("CPU:0,GPU:1", "'GPU:1'"),
+                                            ("CPU:0,CPU:7", "'CPU:7'"),
+                                            ("cpu:1,/device:CPU:1", "named twice"),
+                                            ("tpu0", "'tpu0'")])
+def test_devices_that_this_process_lacks_are_refused(tmp_path, cache_dir, devices, named):
+    run_dir = str(tmp_path / "run")
+    proc = run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, f"run.dir={run_dir}",
+                f"data.cache_dir={cache_dir}", *MIRRORED, f"dist.devices={devices}"],
+               check=False)
+    refused(proc, run_dir, "'dist.devices'", named)
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_mirrored_under_a_launcher_of_two_processes_is_refused_by_every_rank(
+        tmp_path, cache_dir, controller):
+    run_dir = str(tmp_path / "run")
+    proc = horovodrun(controller, ["-m", "hvd_llama.train", "--config", TINY,
+                                   f"run.dir={run_dir}", f"data.cache_dir={cache_dir}",
+                                   *MIRRORED], check=False)
+    assert proc.returncode != 0
+    lines = rank_lines(proc)
+    assert not [line for line in lines if "Traceback" in line]
+    errors = [line for line in lines if "error: dist.strategy=mirrored runs as one process, "
+              "but the launcher started 2" in line]
+    assert len(errors) == 2, lines  # one line from each rank
+    assert not os.path.exists(run_dir)
