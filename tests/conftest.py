@@ -46,6 +46,16 @@ def rank_lines(proc):
             if re.match(r"^\[(\d+,)?\d+\]<std(out|err)>:", line)]
 
 
+def assert_one_line_error(proc, *fragments):
+    """Exit status 2, no traceback, and an `error...` last line holding every fragment."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error"), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
 def train_cli(*overrides, check=True):
     return run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, *overrides],
                check=check)

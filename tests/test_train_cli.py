@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run, train_cli
+from conftest import assert_one_line_error, run, train_cli
 
 
 def metrics(run_dir):
@@ -92,15 +92,6 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(trained, tmp_path, s
     np.testing.assert_allclose([r["loss"] for r in resumed[3:]],
                                [r["loss"] for r in full[3:]], rtol=1e-6)
     assert os.path.isfile(os.path.join(crashed, "saved_model", "1", "saved_model.pb"))
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error"), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
 
 
 @pytest.mark.parametrize("args, fragment", [
