@@ -1,5 +1,6 @@
 # make train   set up what is missing, then train configs/tiny.yaml under horovodrun -np 2 on the CPU
-# make test    set up what is missing, then lint and run the whole test suite
+# make test    set up what is missing, then lint and run the whole test suite, two test files
+#              at a time (TEST_WORKERS=2: pytest-xdist)
 # make bench-data  prepare and loader throughput against training configs/small.yaml
 # make bench-recipe  configs/small.yaml in fp32/bf16, remat, XLA: tokens/s, MFU, memory
 # make bench-serving  generation latency with/without the KV cache; import-hf of a 1 GB checkpoint
@@ -17,6 +18,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 NP ?= 2
+TEST_WORKERS ?= 2
 EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
@@ -45,7 +47,7 @@ lint: setup
 	$(PY) -m flake8 hvd_llama tests bench
 
 test: lint
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-data: setup
 	$(PY) bench/data_throughput.py

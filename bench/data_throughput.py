@@ -1,6 +1,6 @@
 """Data benchmark, all measured in one run on this machine:
 
-  1. `python -m hvd_llama.data prepare` throughput (input MB/s and tokens/s, process start-up
+  1. `python -m hvd_llama.prepare` throughput (input MB/s and tokens/s, process start-up
      included) for each worker count, with a given tokenizer (tokenizer training is timed on
      its own);
   2. the loader's delivered tokens/s in one process (configs/small.yaml's seq_len and batch);
@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-from hvd_llama import config, corpus, data, distributed as dist, prepare
+from hvd_llama import config, corpus, data, distributed as dist, prepare, shards
+from hvd_llama.layout import Layout
 from steps import hvd_llama_bench
 
 SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
@@ -66,22 +67,23 @@ def main():
     tok = os.path.join(tmp, "tok", "tokenizer.model")
     for w in args.workers:
         # Through the CLI, as users run it: the pool's spawned workers re-import __main__,
-        # which for `-m hvd_llama.data` is light and for this script would load TensorFlow.
+        # which for `-m hvd_llama.prepare` is light and for this script would load TensorFlow.
         out = os.path.join(tmp, f"w{w}")
         _, s = timed(lambda: subprocess.run(
-            [sys.executable, "-m", "hvd_llama.data", "prepare", "--input", *files, "--output",
+            [sys.executable, "-m", "hvd_llama.prepare", "--input", *files, "--output",
              out, "--tokenizer", tok, "--workers", str(w), "--no-progress"],
             check=True, capture_output=True))
-        m = data.Prepared(out, verify=False).manifest
+        m = shards.Prepared(out, verify=False).manifest
         tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
         result["prepare"].append({"workers": w, "seconds": round(s, 2),
                                   "mb_per_s": round(in_bytes / 1e6 / s, 2),
                                   "tokens_per_s": round(tokens / s)})
 
     seq_len, batch = small.data.seq_len, small.train.global_batch
-    seqs = data.Prepared(out).sequences("train", seq_len)
+    seqs = shards.Prepared(out).sequences("train", seq_len)
     steps = 400
-    batches = iter(data.dataset(seqs, batch, seed=0, first_row=0, steps=steps, rank=0, size=1))
+    layout = Layout(1, 1, 0, 1, batch, seq_len)
+    batches = iter(data.dataset(seqs, layout, seed=0, first_row=0, steps=steps))
     next(batches)  # start-up (graph tracing, first prefetch) is not throughput
     _, s = timed(lambda: [b for b in batches])
     result["loader_tokens_per_s"] = round((steps - 1) * batch * seq_len / s)

@@ -28,6 +28,7 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from hvd_llama import config, plan
+    from hvd_llama.layout import Layout
     c = config.load(SMALL)
     flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
     rows = []
@@ -38,8 +39,9 @@ def main():
         r = {"precision": precision, "remat": remat, "xla": jit,
              "tokens_per_s": b["tokens_per_s"], "peak_over_base_gib": b["peak_rss_over_start_gib"],
              "matmul_peak_tflops": b["peak_tflops_per_process"], "mfu": b["mfu"]}
+        planned = config.load(SMALL, overrides)
         r["plan_activations_gib"] = plan.memory_per_replica(
-            config.load(SMALL, overrides), 1)["activations"] / plan.GIB
+            planned, Layout.of(planned))["activations"] / plan.GIB
         rows.append(r)
     ref = rows[0]
     for r in rows:

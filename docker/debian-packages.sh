@@ -6,10 +6,12 @@
 #   OpenMPI: mpi4py and Horovod's MPI controller; ssh: how horovodrun and mpirun start remote ranks.
 #   highwayhash, farmhash: TF 2.21's public headers include them without shipping them.
 #   cmake, g++, make, patch: the Horovod build.
+#   python3-venv, python3-dev: `make setup` with Debian's own python3 (venv, and the headers
+#   the Horovod build compiles against).
 set -euo pipefail
 pkgs=("$@")
 [ $# -gt 0 ] || pkgs=(libopenmpi-dev openmpi-bin openssh-client libhighwayhash-dev
-                     libfarmhash-dev cmake g++ make patch)
+                     libfarmhash-dev cmake g++ make patch python3-venv python3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -17,7 +17,7 @@ tensors) from 1 KB to 256 MB of float32, with fp16 compression off and on: bus b
 nccl-tests' sense (bytes x 2(N-1)/N per second) next to a memory-copy bandwidth measured by all
 processes at once, the bound for processes sharing one host.
 
-Targets (issue 6, this 2-core CPU, configs/small.yaml, float32) are printed beside the figures.
+Both report measurements only; bench/peers.py compares them with the targets (BENCHMARKS.md).
 """
 
 import argparse
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from hvd_llama import cli
 from hvd_llama.atomic import write_bytes
 from hvd_llama.errors import UserError
 
@@ -40,22 +41,23 @@ BOUND_BYTES = 256 << 20  # copy bandwidth beyond every cache
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     what = "allreduce" if argv[:1] == ["allreduce"] else "step"
-    args = _parser(what).parse_args(argv[1:] if what == "allreduce" else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        from hvd_llama import config as config_lib, distributed as dist
-        c = config_lib.load(args.config, args.overrides) if what == "step" else None
-        dist.init(c.dist if c else None, threads=args.threads)
-        result = run_step(c, args) if what == "step" else run_allreduce(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return cli.main(_parser(what), lambda args: _bench(what, args),
+                    argv[1:] if what == "allreduce" else argv)
+
+
+def _bench(what, args):
+    from hvd_llama import config as config_lib
+    c = config_lib.load(args.config, args.overrides) if what == "step" else None
+    cli.import_tensorflow()
+    from hvd_llama import distributed as dist, replicas
+    dist.init(c.dist if c else None, threads=args.threads)
+    replicas.setup(c.dist if c else None, dist.local_rank(), dist.local_size())
+    result = run_step(c, args) if what == "step" else run_allreduce(args)
     if result is not None:  # rank 0
         if args.output:
             write_bytes(args.output, json.dumps(result, indent=1).encode())
         print(json.dumps(result) if args.json else "\n".join(
             (step_table if what == "step" else allreduce_table)(result)), flush=True)
-    return 0
 
 
 def _parser(what):
@@ -85,29 +87,19 @@ def _parser(what):
 def run_step(c, args):
     """Time the training step of Config c on this process's part of a random global batch;
     the figures of all processes on rank 0 (None elsewhere)."""
-    import numpy as np
     import tensorflow as tf
-    from hvd_llama import config as config_lib, distributed as dist, plan, replicas, trainer
-    n, d = dist.size(), replicas.count()
-    micro = config_lib.micro_batch(c, n * d)
+    from hvd_llama import distributed as dist, hardware, plan, replicas, step as step_lib
+    from hvd_llama.layout import Layout
+    layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
+    n, d = layout.processes, layout.devices
     single = args.single or (measure_single(args, n) if args.measure_single else 0.0)
 
     start_rss = rss_gib()  # TensorFlow loaded, nothing built
-    model, optimizer, jit = trainer.build(c)
-    peak, peak_source = trainer.peak_tflops(c)
-    tokens = tf.constant(np.random.default_rng(dist.rank()).integers(
-        0, c.model.vocab_size, (c.train.grad_accum, micro * d, c.data.seq_len + 1), np.int32))
-    step = trainer.make_train_step(model, optimizer, jit)
-    gradients = trainer.make_gradients(model, jit)
-    allreduce = tf.function(lambda g: dist.allreduce_gradients(g, compression=c.dist.compression))
-
-    step_s = _seconds_per_call(lambda: float(step(tokens)[0]), args.steps)
-    split = max(1, min(args.steps, 2))  # the parts again, fewer times: they only divide it
-    one = tf.constant(1.0)  # the loss scale
-    compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
-    grads = gradients(tokens, one)[1]
-    allreduce_s = _seconds_per_call(lambda: [g.numpy() for g in allreduce(grads)], split) \
-        if n > 1 else 0.0  # one process does not communicate
+    model, optimizer, jit = step_lib.build(c)
+    dist.barrier()  # every process measures a CPU's peak at once, each on its share
+    peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops, d)
+    peak = float(dist.allreduce_mean(peak))
+    step_s, compute_s, allreduce_s = _time_parts(c, layout, model, optimizer, jit, args.steps)
 
     # Every process ran the same number of steps; the slowest one sets the pace.
     step_s = max(dist.allgather_object(step_s))
@@ -119,7 +111,7 @@ def run_step(c, args):
     world = dist.world()  # a collective: every rank
     if not dist.is_chief():
         return None
-    tokens_per_s = c.train.global_batch * c.data.seq_len / step_s
+    tokens_per_s = layout.tokens_per_step / step_s
     flops_per_token = plan.flops_per_token(c.model, c.data.seq_len)
     r = {"config": args.config, "overrides": args.overrides, "processes": n,
          "strategy": c.dist.strategy, "devices_per_process": d,
@@ -138,8 +130,30 @@ def run_step(c, args):
          "peak_rss_over_start_gib": max(r[1] for r in rss), "peak_gpu_memory_gib": gpu_peak,
          "single_tokens_per_s": single or None,
          "scaling_efficiency": tokens_per_s / (n * single) if single else None}
-    r["targets"] = step_targets(r)
     return r
+
+
+def _time_parts(c, layout, model, optimizer, jit, steps):
+    """Seconds per call of the whole step, of its compute (forward and backward, the mean over
+    a process's devices) and of its allreduce, on random tokens."""
+    import numpy as np
+    import tensorflow as tf
+    from hvd_llama import distributed as dist, step as step_lib
+    tokens = tf.constant(np.random.default_rng(layout.rank).integers(
+        0, c.model.vocab_size, (layout.grad_accum, layout.process_batch, layout.seq_len + 1),
+        np.int32))
+    step = step_lib.make_train_step(model, optimizer, layout, jit)
+    gradients = step_lib.make_gradients(model, layout, jit)
+    allreduce = tf.function(lambda g: dist.allreduce_gradients(g, compression=c.dist.compression))
+
+    step_s = _seconds_per_call(lambda: float(step(tokens)[0]), steps)
+    split = max(1, min(steps, 2))  # the parts again, fewer times: they only divide it
+    one = tf.constant(1.0)  # the loss scale
+    compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
+    grads = gradients(tokens, one)[1]
+    allreduce_s = _seconds_per_call(lambda: [g.numpy() for g in allreduce(grads)], split) \
+        if layout.processes > 1 else 0.0  # one process does not communicate
+    return step_s, compute_s, allreduce_s
 
 
 def measure_single(args, n):
@@ -187,19 +201,6 @@ def _seconds_per_call(fn, calls, warmup=2):
     return (time.perf_counter() - start) / calls
 
 
-def step_targets(r):
-    """Issue 6's targets for this figure, on a CPU (they are stated for configs/small.yaml)."""
-    if r["peak_source"].startswith("measured") and r["mfu"] is not None and r["processes"] == 1:
-        return [_target("MFU against the measured matmul peak", r["mfu"], 0.60)]
-    if r["scaling_efficiency"] is not None:
-        return [_target("scaling efficiency", r["scaling_efficiency"], 0.95)]
-    return []
-
-
-def _target(what, value, at_least):
-    return {"what": what, "value": value, "at_least": at_least, "met": value >= at_least}
-
-
 def step_table(r):
     lines = [f"{r['config']} {' '.join(r['overrides'])}: {r['processes']} process(es) x "
              f"{r['devices_per_process']} device(s) x {r['threads_per_process']} threads on "
@@ -222,12 +223,7 @@ def step_table(r):
     if r["scaling_efficiency"] is not None:
         lines.append(f"| scaling efficiency (one process: {r['single_tokens_per_s']:,.0f} "
                      f"tokens/s) | {100 * r['scaling_efficiency']:.1f}% |")
-    return lines + _target_lines(r["targets"])
-
-
-def _target_lines(targets):
-    return [f"target: {t['what']} {100 * t['value']:.1f}% (at least {100 * t['at_least']:.0f}%)"
-            f": {'met' if t['met'] else 'MISSED (see BENCHMARKS.md)'}" for t in targets]
+    return lines
 
 
 def rss_gib():
@@ -257,14 +253,10 @@ def run_allreduce(args):
     world = dist.world()  # a collective: every rank
     if not dist.is_chief():
         return None
-    at_64 = next(r for r in rows if r["bytes"] == 64 << 20 and r["compression"] == "none") \
-        if args.max_bytes >= 64 << 20 else None
     return {"processes": n, "hosts": world["hosts"], "controller": world["controller"],
             "tensor_ops": world["tensor_ops"], "device": "GPU" if tf.config.list_logical_devices(
                 "GPU") else "CPU",
-            "copy_gbps": bound / 1e9, "rows": rows,
-            "targets": [_target("bus bandwidth at 64 MiB over the copy bound",
-                                at_64["busbw_over_copy"], 0.80)] if at_64 else []}
+            "copy_gbps": bound / 1e9, "rows": rows}
 
 
 def _copy_bandwidth():
@@ -313,7 +305,7 @@ def allreduce_table(r):
         lines.append(f"| {_size(row['bytes'])} | {row['compression']} | "
                      f"{1000 * row['seconds']:.3f} | {row['algbw_gbps']:.3f} | "
                      f"{row['busbw_gbps']:.3f} | {100 * row['busbw_over_copy']:.0f}% |")
-    return lines + _target_lines(r["targets"])
+    return lines
 
 
 def _size(n):

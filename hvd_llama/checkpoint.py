@@ -1,4 +1,4 @@
-"""Checkpoints: written by rank 0 alone and atomically, restored by rank 0 then broadcast.
+"""Checkpoints: written by rank 0 alone and atomically, read by rank 0 (the trainer broadcasts).
 
     <run.dir>/checkpoints/step-00000050/ckpt.index, ckpt.data-*, meta.json
 
@@ -32,26 +32,10 @@ def latest(run_dir):
     return os.path.join(directory(run_dir), f"step-{steps[-1]:08d}") if steps else None
 
 
-def check_run_dir(config):
-    """Rank 0 decides whether this run starts fresh or resumes, before any compute.
-
-    Returns the meta of the checkpoint to resume from, or None to start fresh. Refuses to start
-    fresh over another run's checkpoints, and to resume weights of a different model shape.
-    The verdict (or the error) reaches every rank, so all exit alike on bad input.
-    """
-    verdict = None
-    if dist.is_chief():
-        try:
-            verdict = _check(config)
-        except UserError as e:
-            verdict = e
-    verdict = dist.broadcast_object(verdict)
-    if isinstance(verdict, UserError):
-        raise verdict
-    return verdict
-
-
-def _check(config):
+def resume_point(config):
+    """Whether this run starts fresh (None) or resumes (the meta of the checkpoint to resume
+    from), decided by rank 0 before any compute: the trainer broadcasts the verdict. A UserError
+    for a fresh start over another run's checkpoints, or a resume of a different model shape."""
     path = latest(config.run.dir)
     if path is None:
         if config.train.resume:
@@ -102,10 +86,9 @@ def read_meta(path):
 
 
 def restore(meta, model, optimizer):
-    """Load the checkpoint on rank 0, then give every rank rank 0's weights and optimizer state.
-
-    The optimizer must be built (its variables must exist) before this is called.
-    """
+    """Load the checkpoint `meta` names (None: nothing to load) on rank 0; the trainer then
+    broadcasts rank 0's weights and optimizer state. The optimizer must be built (its variables
+    must exist) before this is called."""
     if meta is not None and dist.is_chief():
         prefix = os.path.join(meta["path"], "ckpt")
         try:
@@ -117,8 +100,6 @@ def restore(meta, model, optimizer):
         except (tf.errors.OpError, AssertionError, ValueError) as e:
             raise UserError(f"{meta['path']}: cannot restore checkpoint "
                             f"({str(e).splitlines()[0]})") from e
-    # Also the fresh-start case: ranks initialised their own weights; rank 0's win.
-    dist.broadcast_variables(model.variables + optimizer.variables)
 
 
 def save(config, step, rows, model, optimizer=None):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from hvd_llama.errors import UserError
+from hvd_llama.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A directory made by `python -m hvd_llama.data prepare`, or "builtin": the standard
+    # A directory made by `python -m hvd_llama.prepare`, or "builtin": the standard
     # library's docstrings, prepared on first use into cache_dir.
     path: str = "builtin"
     cache_dir: str = "~/.cache/hvd_llama"  # where the built-in dataset is prepared
@@ -65,7 +66,9 @@ class TrainConfig:
     log_every: int = 1  # print and record metrics every N steps (1 = every step)
     checkpoint_every: int = 50  # checkpoint every N steps (and always at the end)
     eval_every: int = 50  # validation loss every N steps (and at the end); 0 = never
-    eval_batches: int = 4  # global batches of the validation split per evaluation
+    # Global batches (global_batch sequences each, read in grad_accum micro-batches as in
+    # training) of the validation split per evaluation.
+    eval_batches: int = 4
     seed: int = 0  # weight init and data order
     resume: bool = False  # continue from the latest checkpoint in run.dir
 
@@ -156,15 +159,23 @@ _CHOICES = {
 }
 
 
-def micro_batch(c, replicas):
-    """Sequences per micro-batch on each replica (one device; under dist.strategy=horovod, one
-    process); a UserError if the global batch does not split evenly over `replicas` x
-    train.grad_accum."""
-    parts = replicas * c.train.grad_accum
-    if c.train.global_batch % parts:
-        raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
-                        f"{replicas} replica(s) x train.grad_accum {c.train.grad_accum}")
-    return c.train.global_batch // parts
+_POSITIVE = (
+    "model.vocab_size", "model.num_layers", "model.num_query_heads",
+    "model.num_key_value_heads", "model.hidden_dim", "model.intermediate_dim",
+    "model.rope_max_wavelength", "model.layer_norm_epsilon", "model.max_position_embeddings",
+    "data.seq_len", "train.steps", "train.global_batch", "train.grad_accum",
+    "train.learning_rate", "train.log_every", "train.checkpoint_every",
+)
+_NON_NEGATIVE = (
+    "train.warmup_steps", "train.seed", "train.weight_decay", "train.clip_norm",
+    "train.eval_every", "train.eval_batches", "train.peak_tflops", "dist.fusion_threshold_mb",
+    "dist.cycle_time_ms", "dist.logical_cpus",
+)
+
+
+def _value(c, key):
+    section, name = key.split(".")
+    return getattr(getattr(c, section), name)
 
 
 def _section_type(name):
@@ -198,33 +209,12 @@ def _coerce(key, value, typ, source):
 
 def validate(c):
     """A UserError naming the first key whose value is out of range or inconsistent."""
-    positive = {
-        "model.vocab_size": c.model.vocab_size, "model.num_layers": c.model.num_layers,
-        "model.num_query_heads": c.model.num_query_heads,
-        "model.num_key_value_heads": c.model.num_key_value_heads,
-        "model.hidden_dim": c.model.hidden_dim, "model.intermediate_dim": c.model.intermediate_dim,
-        "model.rope_max_wavelength": c.model.rope_max_wavelength,
-        "model.layer_norm_epsilon": c.model.layer_norm_epsilon,
-        "model.max_position_embeddings": c.model.max_position_embeddings,
-        "data.seq_len": c.data.seq_len, "train.steps": c.train.steps,
-        "train.global_batch": c.train.global_batch, "train.grad_accum": c.train.grad_accum,
-        "train.learning_rate": c.train.learning_rate,
-        "train.log_every": c.train.log_every, "train.checkpoint_every": c.train.checkpoint_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"'{key}' must be > 0, got {value}")
-    non_negative = {
-        "train.warmup_steps": c.train.warmup_steps, "train.seed": c.train.seed,
-        "train.weight_decay": c.train.weight_decay, "train.clip_norm": c.train.clip_norm,
-        "train.eval_every": c.train.eval_every, "train.eval_batches": c.train.eval_batches,
-        "train.peak_tflops": c.train.peak_tflops,
-        "dist.fusion_threshold_mb": c.dist.fusion_threshold_mb,
-        "dist.cycle_time_ms": c.dist.cycle_time_ms, "dist.logical_cpus": c.dist.logical_cpus,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"'{key}' must be >= 0, got {value}")
+    for key in _POSITIVE:
+        if _value(c, key) <= 0:
+            raise UserError(f"'{key}' must be > 0, got {_value(c, key)}")
+    for key in _NON_NEGATIVE:
+        if _value(c, key) < 0:
+            raise UserError(f"'{key}' must be >= 0, got {_value(c, key)}")
     if c.model.num_query_heads % c.model.num_key_value_heads:
         raise UserError("'model.num_query_heads' must be a multiple of 'model.num_key_value_heads'"
                         f" ({c.model.num_query_heads} vs {c.model.num_key_value_heads})")
@@ -238,16 +228,14 @@ def validate(c):
         raise UserError(f"'model.vocab_size' must be <= 65535 (uint16 tokens), got "
                         f"{c.model.vocab_size}")
     for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(c, section), name)
-        if value not in allowed:
-            raise UserError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+        if _value(c, key) not in allowed:
+            raise UserError(f"'{key}' must be one of {', '.join(allowed)}; got {_value(c, key)!r}")
     if c.dist.strategy == "horovod":
         for key in ("devices", "logical_cpus"):
             if getattr(c.dist, key):
                 raise UserError(f"'dist.{key}' is for dist.strategy=mirrored or hybrid (one "
                                 "process over several devices); dist.strategy is horovod")
-    micro_batch(c, 1)  # grad_accum must divide the global batch; processes are checked at start
+    Layout.of(c)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")
     if not c.run.dir:

@@ -2,7 +2,8 @@
 
 Horovod's own Keras wrapper (`horovod.tensorflow.keras`) does not work with Keras 3: it calls
 `Variable.ref()` and hooks optimizer methods Keras 3 never calls. Its core TensorFlow ops do
-work, given the `tf.Variable` behind each Keras variable (`v.value`), and that is all we use.
+work, given the `tf.Variable` behind each Keras variable (compat.tf_variables), and that is
+all we use.
 
 When the process was not started by horovodrun/mpirun/srun, or runs dist.strategy=mirrored,
 this falls back to one plain process without importing Horovod at all: every collective is then
@@ -17,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_llama import replicas
+from hvd_llama import compat
 from hvd_llama.errors import UserError
 from hvd_llama.launcher import launched, launched_size
 
@@ -26,8 +27,8 @@ _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one 
 
 def init(dc=None, run_dir=".", threads=0):
     """Start Horovod (under a launcher, unless dist.strategy is mirrored) with DistConfig
-    `dc`'s knobs, set the CPU threads (0: the host's cores over its processes), then choose
-    this process's devices (replicas.setup: TensorFlow's runtime starts there)."""
+    `dc`'s knobs and set the CPU threads (0: the host's cores over its processes). Before
+    TensorFlow's runtime starts, and so before replicas.setup chooses this process's devices."""
     global _hvd
     strategy = dc.strategy if dc is not None else "horovod"
     if strategy == "mirrored" and launched_size() > 1:
@@ -52,13 +53,10 @@ def init(dc=None, run_dir=".", threads=0):
         # Processes sharing a host's cores: without this each would start a thread per core.
         tf.config.threading.set_intra_op_parallelism_threads(
             threads or max(1, os.cpu_count() // local_size()))
-    replicas.setup(dc, local_rank(), local_size())
 
 
-# dist.cycle_time_ms=0 on a host without GPUs. Horovod's background thread wakes every cycle to
-# negotiate with the other ranks; where the processes' compute threads already fill the cores,
-# a 1 ms cycle steals them (configs/small.yaml, 2 processes on 2 CPUs: 363 tokens/s at 1 ms,
-# 486 at 20 ms; BENCHMARKS.md). One grouped allreduce per step waits at most one cycle more.
+# dist.cycle_time_ms=0 without GPUs: Horovod's thread, woken every 1 ms, takes cores from compute,
+# while one allreduce per step waits at most one cycle more (BENCHMARKS.md, "Horovod's cycle time").
 CPU_CYCLE_TIME_MS = 20.0
 
 
@@ -140,9 +138,7 @@ def broadcast_variables(variables, root_rank=0):
     """Overwrite each process's variables with root's. Accepts Keras 3 or tf variables."""
     if _hvd is None:
         return
-    tf_vars = [v.value if hasattr(v, "value") and not isinstance(v, tf.Variable) else v
-               for v in variables]
-    _hvd.broadcast_variables(tf_vars, root_rank=root_rank)
+    _hvd.broadcast_variables(compat.tf_variables(variables), root_rank=root_rank)
 
 
 def broadcast_object(obj, root_rank=0):
@@ -215,8 +211,7 @@ def DistributedOptimizer(optimizer, compression="none", op="average"):
     if optimizer.gradient_accumulation_steps:
         raise ValueError("accumulate gradients before apply() instead of "
                          "gradient_accumulation_steps (see DistributedOptimizer's doc)")
-    base = type(optimizer)
-    optimizer.__class__ = type(f"Distributed{base.__name__}", (_AllreducedGradients, base), {})
+    compat.subclass_in_place(optimizer, _AllreducedGradients, "Distributed")
     optimizer.hvd_op = op
     optimizer.hvd_compression = compression
     return optimizer

@@ -27,13 +27,16 @@ import argparse
 import os
 import sys
 
-import keras
-import tensorflow as tf
+from hvd_llama import cli
 
-from hvd_llama import checkpoint, generate
-from hvd_llama.atomic import atomic_path, refuse_existing
-from hvd_llama.errors import UserError
-from hvd_llama.tokenizer import EOS_ID
+# Before anything else loads TensorFlow: `python -m hvd_llama.export` starts in this module.
+tf = cli.import_tensorflow()
+
+import keras  # noqa: E402
+
+from hvd_llama import checkpoint, generate  # noqa: E402
+from hvd_llama.atomic import atomic_path, refuse_existing  # noqa: E402
+from hvd_llama.tokenizer import EOS_ID  # noqa: E402
 
 _LOGITS_SPEC = [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
                 tf.TensorSpec([None, None], tf.int32, name="padding_mask")]
@@ -64,18 +67,22 @@ def export(model, directory, version, context, tokenizer_path=None, overwrite=Fa
         targets.append((os.path.join(f"{directory}_text", str(version)), True))
     for path, _ in targets:
         refuse_existing(path, overwrite)
+
+    # Traced once, here, and shared by both SavedModels.
+    @tf.function(input_signature=_LOGITS_SPEC)
+    def serve(token_ids, padding_mask):
+        logits = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+        return {"logits": tf.cast(logits, tf.float32)}
+
+    generate_fn = tf.function(generate.make_generate(model, context),
+                              input_signature=_GENERATE_SPEC)
+    serve.get_concrete_function()
+    generate_fn.get_concrete_function()
     for path, with_text in targets:
         archive = keras.export.ExportArchive()
         archive.track(model)
-
-        def serve(token_ids, padding_mask):
-            logits = model({"token_ids": token_ids, "padding_mask": padding_mask},
-                           training=False)
-            return {"logits": tf.cast(logits, tf.float32)}
-
-        archive.add_endpoint("serving_default", serve, input_signature=_LOGITS_SPEC)
-        generate_fn = generate.make_generate(model, context)
-        archive.add_endpoint("generate", generate_fn, input_signature=_GENERATE_SPEC)
+        archive.add_endpoint("serving_default", serve)
+        archive.add_endpoint("generate", generate_fn)
         if with_text:
             _add_text_endpoint(archive, generate_fn, tokenizer_path)
         with atomic_path(path) as tmp:
@@ -109,18 +116,16 @@ def main(argv=None):
     parser.add_argument("--output", help="default: RUN_DIR/saved_model")
     parser.add_argument("--version", type=int, help="default: one past the highest there")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    args = parser.parse_args(argv)
-    try:
-        cfg, model, path = checkpoint.load_latest(args.run_dir)
-        directory = args.output or os.path.join(args.run_dir, "saved_model")
-        version = args.version if args.version is not None else next_version(directory)
-        out = export(model, directory, version, cfg.model.max_position_embeddings,
-                     os.path.join(args.run_dir, "tokenizer.model"), args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.main(parser, _export_run, argv)
+
+
+def _export_run(args):
+    cfg, model, path = checkpoint.load_latest(args.run_dir)
+    directory = args.output or os.path.join(args.run_dir, "saved_model")
+    version = args.version if args.version is not None else next_version(directory)
+    out = export(model, directory, version, cfg.model.max_position_embeddings,
+                 os.path.join(args.run_dir, "tokenizer.model"), args.overwrite)
     print(f"exported {path} -> {', '.join(out)}")
-    return 0
 
 
 if __name__ == "__main__":

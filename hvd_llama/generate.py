@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+from hvd_llama import cli, compat
 from hvd_llama.tokenizer import BOS_ID, EOS_ID  # <s>, </s>
 
 
@@ -26,21 +27,6 @@ def make_generate(model, context, use_cache=True):
     p + max_new_tokens beyond `context` tokens is an InvalidArgumentError."""
     import tensorflow as tf
 
-    def sample(logits, temperature, top_p, seed, index):
-        logits = tf.cast(logits, tf.float32)  # [b, vocab]
-
-        def nucleus():
-            # Keep the most likely tokens whose probabilities sum to top_p (at least one).
-            ordered, order = tf.math.top_k(logits / temperature, k=tf.shape(logits)[-1])
-            before = tf.math.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
-            kept = tf.where(before < top_p, ordered, tf.fill(tf.shape(ordered), -1e30))
-            pick = tf.random.stateless_categorical(
-                kept, 1, seed=tf.stack([seed, tf.cast(index, tf.int64)]), dtype=tf.int32)
-            return tf.gather(order, pick[:, 0], batch_dims=1)
-
-        return tf.cond(temperature > 0, nucleus,
-                       lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
-
     @tf.function
     def generate(token_ids, lengths, max_new_tokens, temperature, top_p, seed):
         total = tf.shape(token_ids)[1] + max_new_tokens
@@ -49,7 +35,7 @@ def make_generate(model, context, use_cache=True):
         tokens = tf.pad(token_ids, [[0, 0], [0, max_new_tokens]])  # [b, total]
         is_prompt = tf.sequence_mask(lengths, total)
         if use_cache:
-            _, cache = model._build_cache(tokens)  # keras-hub's prefill over the buffer
+            _, cache = compat.build_cache(model, tokens)  # keras-hub's prefill over the buffer
         else:
             cache = tf.zeros([0])
 
@@ -61,7 +47,7 @@ def make_generate(model, context, use_cache=True):
             else:
                 logits = model({"token_ids": tokens, "padding_mask": tf.ones_like(tokens)},
                                training=False)[:, index - 1]
-            chosen = sample(logits, temperature, top_p, seed, index)
+            chosen = _sample(logits, temperature, top_p, seed, index)
             chosen = tf.where(is_prompt[:, index], tokens[:, index], chosen)
             here = tf.one_hot(index, total, on_value=True, off_value=False, dtype=tf.bool)
             return index + 1, tf.where(here[tf.newaxis], chosen[:, tf.newaxis], tokens), cache
@@ -76,6 +62,25 @@ def make_generate(model, context, use_cache=True):
     return generate
 
 
+def _sample(logits, temperature, top_p, seed, index):
+    """The next token of each row of logits [b, vocab]: the most likely one at temperature 0,
+    else drawn from the nucleus (seeded by seed and the position `index`)."""
+    import tensorflow as tf
+    logits = tf.cast(logits, tf.float32)
+
+    def nucleus():
+        # Keep the most likely tokens whose probabilities sum to top_p (at least one).
+        ordered, order = tf.math.top_k(logits / temperature, k=tf.shape(logits)[-1])
+        before = tf.math.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
+        kept = tf.where(before < top_p, ordered, tf.fill(tf.shape(ordered), -1e30))
+        pick = tf.random.stateless_categorical(
+            kept, 1, seed=tf.stack([seed, tf.cast(index, tf.int64)]), dtype=tf.int32)
+        return tf.gather(order, pick[:, 0], batch_dims=1)
+
+    return tf.cond(temperature > 0, nucleus,
+                   lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m hvd_llama.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,16 +91,13 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from hvd_llama.errors import UserError
-    try:
-        print(generate_text(args.source, args.prompt, args.max_new_tokens, args.temperature,
-                            args.top_p, args.seed))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main(parser, _generate, argv)
+
+
+def _generate(args):
+    cli.import_tensorflow()
+    print(generate_text(args.source, args.prompt, args.max_new_tokens, args.temperature,
+                        args.top_p, args.seed))
 
 
 def generate_text(source, prompt, max_new_tokens, temperature, top_p, seed):

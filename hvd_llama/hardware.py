@@ -22,8 +22,10 @@ GPU_PEAK_TFLOPS = {
 _COLUMN = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
-def peak_tflops(precision, configured=0.0):
-    """(TFLOP/s per process, where the figure comes from)."""
+def peak_tflops(precision, configured=0.0, devices=1):
+    """(TFLOP/s per process of `devices` GPUs, where the figure comes from). A CPU's is
+    measured on this process's threads: run it in every process at once (after a barrier) so
+    that each sees its share of the cores, as in training."""
     if configured:
         return configured, "train.peak_tflops"
     gpus = tf.config.get_visible_devices("GPU")
@@ -31,7 +33,7 @@ def peak_tflops(precision, configured=0.0):
         name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
         for model, peaks in GPU_PEAK_TFLOPS.items():
             if model in name and peaks[_COLUMN[precision]]:
-                return peaks[_COLUMN[precision]], f"{name} datasheet, {precision}"
+                return devices * peaks[_COLUMN[precision]], f"{name} datasheet, {precision}"
         return 0.0, f"{name}: unknown peak (set train.peak_tflops)"
     return measure_matmul_tflops(precision), f"measured: CPU {precision} matmul"
 

@@ -5,7 +5,8 @@ The model knows nothing about processes or devices; distributed.py and trainer.p
 
 import keras
 import keras_hub
-import tensorflow as tf
+
+from hvd_llama import compat
 
 # train.precision -> Keras dtype policy. Mixed policies compute in 16 bits and keep the
 # variables (the master weights the optimizer updates) in float32.
@@ -27,26 +28,7 @@ def build(mc, seed, precision="float32", remat=False):
         tie_word_embeddings=mc.tie_word_embeddings,
         dtype=POLICIES[precision],
     )
-    if remat:
+    if remat:  # per block, by tf.recompute_grad (compat: keras.RematScope fails here)
         for block in backbone.transformer_layers:
-            block.call = _recomputed(block.call)
+            compat.recompute_in_backward(block)
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
-
-
-def _recomputed(call):
-    """A decoder block's `call` that keeps only the block's input for the backward pass and
-    recomputes the rest there (activation recomputation, per block).
-
-    keras.RematScope cannot do this for keras-hub on TensorFlow: in graph mode the
-    custom_gradient beneath tf.recompute_grad takes positional arguments only, so the padding
-    mask is bound by position here. With a KV cache (generation) there is no backward pass,
-    and the block runs as written.
-    """
-    def block_call(decoder_sequence, decoder_padding_mask=None, training=None, **cache):
-        if decoder_padding_mask is None or any(v is not None for v in cache.values()):
-            return call(decoder_sequence, decoder_padding_mask=decoder_padding_mask,
-                        training=training, **cache)
-        recompute = tf.recompute_grad(
-            lambda x, mask: call(x, decoder_padding_mask=mask, training=training))
-        return recompute(decoder_sequence, decoder_padding_mask)
-    return block_call

@@ -5,7 +5,6 @@ start and refuses a run whose memory estimate exceeds what the host has.
 
 import os
 
-from hvd_llama.config import micro_batch
 from hvd_llama.errors import UserError
 
 GIB = 1 << 30
@@ -29,16 +28,16 @@ def flops_per_token(mc, seq_len):
     return 6 * dense + 12 * mc.num_layers * mc.hidden_dim * seq_len
 
 
-def memory_per_replica(c, replicas):
+def memory_per_replica(c, layout):
     """Estimated bytes per replica (one device; one process under dist.strategy=horovod) of
-    `replicas` in all: fp32 weights, gradients and AdamW's two moments (mixed
+    Layout `layout`: fp32 weights, gradients and AdamW's two moments (mixed
     precision keeps float32 master weights and casts per op), plus activations.
 
     Activations follow Korthikanti et al. (2022): s*b*d*(34 + 5*heads*s/d) bytes per layer at
     16 bits (doubled for float32) for one micro-batch, plus the float32 logits and their
     gradient. With train.remat only each block's input is kept, plus one block recomputed."""
     mc, s = c.model, c.data.seq_len
-    b = micro_batch(c, replicas)
+    b = layout.micro
     n = param_count(mc)
     width = 4 if c.train.precision == "float32" else 2
     block = s * b * mc.hidden_dim * (34 + 5 * mc.num_query_heads * s / mc.hidden_dim) * width / 2
@@ -49,23 +48,19 @@ def memory_per_replica(c, replicas):
             "activations": int(blocks + logits)}
 
 
-def describe(c, processes, devices=1):
-    """The dry-run figures as printable lines, for `processes` of `devices` replicas each."""
+def describe(c, layout):
+    """The dry-run figures as printable lines, for Layout `layout`."""
     n = param_count(c.model)
-    tokens_per_step = c.train.global_batch * c.data.seq_len
-    replicas = processes * devices
-    mem = memory_per_replica(c, replicas)
+    tokens_per_step = layout.tokens_per_step
+    mem = memory_per_replica(c, layout)
     flops = flops_per_token(c.model, c.data.seq_len)
-    per_process = f" x {devices} device(s)" if devices > 1 else ""
     return [
         f"parameters: {n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else
         f"parameters: {n:,} ({n / 1e6:.1f}M)",
         f"training FLOPs per token: {flops / 1e9:.2f} GFLOP "
         f"({flops * tokens_per_step / 1e15:.2f} PFLOP per step)",
-        f"global batch: {c.train.global_batch:,} sequences = {tokens_per_step:,} tokens "
-        f"= {processes} process(es){per_process} x {c.train.grad_accum} micro-batch(es) x "
-        f"{micro_batch(c, replicas)} sequences",
-        f"memory per {'device' if devices > 1 else 'process'} ({c.train.precision}"
+        layout.describe(),
+        f"memory per {'device' if layout.devices > 1 else 'process'} ({c.train.precision}"
         f"{', remat' if c.train.remat else ''}): "
         + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items())
         + f"; total {sum(mem.values()) / GIB:.2f} GiB",
@@ -73,14 +68,14 @@ def describe(c, processes, devices=1):
     ]
 
 
-def check_fits(c, replicas, local_replicas):
+def check_fits(c, layout, local_replicas):
     """Refuse, before any weight exists, a CPU run whose estimate for this host's replicas
     (each a copy of the weights, even as logical CPU devices) exceeds its free memory (a GPU's
     limit is the GPU's, which TF reports only once allocated)."""
-    need = sum(memory_per_replica(c, replicas).values()) * local_replicas
+    need = sum(memory_per_replica(c, layout).values()) * local_replicas
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > free:
         raise UserError(f"a {param_count(c.model) / 1e9:.1f}B-parameter model at "
-                        f"micro-batch {micro_batch(c, replicas)}, data.seq_len={c.data.seq_len} "
+                        f"micro-batch {layout.micro}, data.seq_len={c.data.seq_len} "
                         f"needs about {need / GIB:.1f} GiB for {local_replicas} replica(s) on "
                         f"this host (see --dry-run) but it has {free / GIB:.1f} GiB free")

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from hvd_llama import cli
 from hvd_llama.atomic import atomic_path
 from hvd_llama.errors import UserError
 
@@ -69,15 +70,13 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--output", help="default: RUN_DIR/metrics.png")
-    args = parser.parse_args(argv)
-    try:
-        out = plot(read_metrics(args.run_dir),
-                   args.output or os.path.join(args.run_dir, "metrics.png"))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.main(parser, _plot, argv)
+
+
+def _plot(args):
+    out = plot(read_metrics(args.run_dir), args.output or os.path.join(args.run_dir,
+                                                                       "metrics.png"))
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

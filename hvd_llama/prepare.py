@@ -1,37 +1,33 @@
-"""Raw corpora -> a prepared dataset directory of token shards. Run it through
-`python -m hvd_llama.data prepare`.
+"""Raw corpora -> a prepared dataset directory of token shards (shards.py: the format).
 
-    DIR/tokenizer.model
-    DIR/train-00000.bin  tokens (uint16 if the vocab fits, else uint32): <s> doc </s> <s> doc </s>
-    DIR/train-00000.idx  uint64 start offset of every document in the .bin
-    DIR/val-00000.bin/.idx  the validation split (documents chosen by hash, so stable)
-    DIR/manifest.json    shards with token/document counts and sha256, totals, tokenizer
-                         checksum, the cleaning report; written last
+    python -m hvd_llama.prepare --input PATH_OR_GLOB... --output DIR [options]
+    horovodrun -np 4 -H a:2,b:2 python -m hvd_llama.prepare ...  # ranks split the input files
+
+(`python -m hvd_llama.data prepare ...` is the same command.)
 
 Stages: clean (per input file, in parallel) -> deduplicate (exact, first copy in input order
-wins) -> train the tokenizer on a bounded sample (or take a given one) -> tokenize (per file,
-in parallel) -> manifest. Everything goes to DIR.partial-*, renamed to DIR at the very end, so
-an interrupted prepare never leaves a directory that looks complete.
+wins) -> split off the validation documents (chosen by hash, so stable) -> train the tokenizer
+on a bounded sample (or take a given one) -> tokenize (per file, in parallel) -> manifest.
+Everything goes to DIR.partial-*, renamed to DIR at the very end, so an interrupted prepare
+never leaves a directory that looks complete.
 
 Under mpirun/horovodrun each rank takes every size-th input file; rank 0 trains the tokenizer
 and writes the manifest. The output must then be on a filesystem all ranks share.
 """
 
-import hashlib
+import argparse
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 
-import numpy as np
-
-from hvd_llama import corpus, tokenizer
+from hvd_llama import cli, corpus, shards, tokenizer
 from hvd_llama.atomic import remove
 from hvd_llama.errors import UserError
 
-FORMAT = "hvd_llama.tokens/1"
 SAMPLE_BYTES = 200 << 20  # text the tokenizer is trained on, at most
 
 
@@ -50,8 +46,10 @@ class _Launched:
     """Collectives across the ranks of an mpirun/horovodrun job, through distributed.py."""
 
     def __init__(self):
-        from hvd_llama import distributed
+        cli.import_tensorflow()
+        from hvd_llama import distributed, replicas
         distributed.init()
+        replicas.setup(None, distributed.local_rank(), distributed.local_size())
         self.d = distributed
         self.rank, self.size = distributed.rank(), distributed.size()
 
@@ -107,19 +105,10 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
         _merge(stats, file_stats)
 
     # 2. Exact deduplication and the validation split, decided alike on every rank.
-    seen, keep, is_val = set(), {}, {}
-    for index, hashes, _, _ in cleaned:
-        keep[index] = [h not in seen and not seen.add(h) for h in hashes]
-        is_val[index] = [int(h[:8], 16) / 16 ** 8 < val_fraction for h in hashes]
-    stats["duplicates"] = sum(len(k) - sum(k) for k in keep.values())
-    stats["kept"] = sum(sum(k) for k in keep.values())
-    if stats["kept"] == 0:
-        raise UserError(f"no documents left to prepare from {len(files)} input file(s) "
-                        f"(read {stats['documents']}, too short {stats['too_short']}, "
-                        f"bad records {stats['bad_records']})")
+    keep, is_val = _deduplicate_and_split(cleaned, val_fraction, stats, len(files))
 
     # 3. The tokenizer: given, or trained by rank 0 on a bounded sample of the kept documents.
-    tok_path = os.path.join(work, "tokenizer.model")
+    tok_path = os.path.join(work, shards.TOKENIZER)
     if comm.rank == 0:
         if tokenizer_model:
             shutil.copyfile(tokenizer_model, tok_path)
@@ -128,7 +117,7 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
                              sum(r[3] for r in cleaned), vocab_size)
     comm.allgather(None)
     vocab = tokenizer.load(tok_path).vocab_size()
-    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    dtype = shards.token_dtype(vocab)
 
     # 4. Tokenize each file's kept documents into its train and val shards, in parallel.
     jobs = [(i, work, tok_path, keep[i], is_val[i], dtype) for i in mine]
@@ -138,32 +127,51 @@ def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers
     for index in mine:
         os.remove(_clean_path(work, index))
     # Also the point after which no rank touches `work` again: rank 0 may then rename it.
-    shards = sorted((s for rank_shards in comm.allgather(mine_shards)
-                     for file_shards in rank_shards for s in file_shards),
-                    key=lambda s: s["file"])
+    written = sorted((s for rank_shards in comm.allgather(mine_shards)
+                      for file_shards in rank_shards for s in file_shards),
+                     key=lambda s: s["file"])
 
     # 5. The manifest, last.
+    splits = _splits(written)
+    if comm.rank != 0:
+        return None  # rank 0 alone writes the manifest, then renames `work`
+    manifest = {
+        "dtype": dtype, "vocab_size": vocab,
+        "bos_id": tokenizer.BOS_ID, "eos_id": tokenizer.EOS_ID,
+        "tokenizer": {"file": shards.TOKENIZER, "sha256": shards.sha256(tok_path)},
+        "splits": splits, "inputs": files, "cleaning": dict(stats),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    shards.write_manifest(work, manifest)
+    return {"format": shards.FORMAT, **manifest}
+
+
+def _deduplicate_and_split(cleaned, val_fraction, stats, files):
+    """(keep, is_val): per input file index, a flag per document. The first copy of a text in
+    input order is kept; a document goes to validation by its hash, so the choice is stable."""
+    seen, keep, is_val = set(), {}, {}
+    for index, hashes, _, _ in cleaned:
+        keep[index] = [h not in seen and not seen.add(h) for h in hashes]
+        is_val[index] = [int(h[:8], 16) / 16 ** 8 < val_fraction for h in hashes]
+    stats["duplicates"] = sum(len(k) - sum(k) for k in keep.values())
+    stats["kept"] = sum(sum(k) for k in keep.values())
+    if stats["kept"] == 0:
+        raise UserError(f"no documents left to prepare from {files} input file(s) "
+                        f"(read {stats['documents']}, too short {stats['too_short']}, "
+                        f"bad records {stats['bad_records']})")
+    return keep, is_val
+
+
+def _splits(written):
+    """The manifest's splits: each split's shards (written, sorted by name) and totals."""
     splits = {}
     for split in ("train", "val"):
-        listed = [s for s in shards if s["file"].startswith(split)]
+        listed = [s for s in written if s["file"].startswith(split)]
         splits[split] = {"shards": listed, "tokens": sum(s["tokens"] for s in listed),
                          "documents": sum(s["documents"] for s in listed)}
     if splits["train"]["tokens"] == 0:
         raise UserError("every kept document went to the validation split; lower --val-fraction")
-    if comm.rank != 0:
-        return None  # rank 0 alone writes the manifest, then renames `work`
-    manifest = {
-        "format": FORMAT, "dtype": dtype, "vocab_size": vocab,
-        "bos_id": tokenizer.BOS_ID, "eos_id": tokenizer.EOS_ID,
-        "tokenizer": {"file": "tokenizer.model", "sha256": sha256(tok_path)},
-        "splits": splits, "inputs": files, "cleaning": dict(stats),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    tmp = os.path.join(work, "manifest.json.partial")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(work, "manifest.json"))
-    return manifest
+    return splits
 
 
 def _map(fn, jobs, workers, progress, what, count):
@@ -216,21 +224,10 @@ def _tokenize_file(job):
         for line, k, v in zip(f, keep, is_val):
             if k:
                 docs["val" if v else "train"].append(json.loads(line))
-    shards = []
-    for split, texts in docs.items():
-        if not texts:
-            continue
-        ids = [[tokenizer.BOS_ID, *d, tokenizer.EOS_ID] for d in sp.encode(texts)]
-        starts = np.cumsum([0] + [len(d) for d in ids[:-1]], dtype=np.uint64)
-        name = f"{split}-{index:05d}"
-        np.concatenate([np.asarray(d, dtype=dtype) for d in ids]).tofile(
-            os.path.join(work, name + ".bin"))
-        starts.tofile(os.path.join(work, name + ".idx"))
-        shards.append({"file": name + ".bin", "index": name + ".idx",
-                       "tokens": sum(len(d) for d in ids), "documents": len(ids),
-                       "sha256": sha256(os.path.join(work, name + ".bin")),
-                       "index_sha256": sha256(os.path.join(work, name + ".idx"))})
-    return shards
+    return [shards.write_shard(work, f"{split}-{index:05d}",
+                               [[tokenizer.BOS_ID, *d, tokenizer.EOS_ID] for d in sp.encode(texts)],
+                               dtype)
+            for split, texts in docs.items() if texts]
 
 
 def _train_tokenizer(work, indices, keep, is_val, input_bytes, vocab_size):
@@ -247,7 +244,7 @@ def _train_tokenizer(work, indices, keep, is_val, input_bytes, vocab_size):
                             out.write(json.loads(line) + "\n")
                         n += 1
     try:
-        tokenizer.train(sample, os.path.join(work, "tokenizer.model"), vocab_size)
+        tokenizer.train(sample, os.path.join(work, shards.TOKENIZER), vocab_size)
     except UserError as e:  # name the flag the user can change, not our temporary file
         raise UserError(f"--vocab-size {vocab_size}: {e}") from e
     os.remove(sample)
@@ -265,9 +262,40 @@ def _merge(total, stats):
             total[key] += value
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m hvd_llama.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl[.gz], .parquet")
+    parser.add_argument("--output", required=True, help="a new directory")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="use this sentencepiece model (e.g. LLaMA's)")
+    tok.add_argument("--vocab-size", type=int, default=32000, help="train one of this size")
+    parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="processes on this host")
+    parser.add_argument("--min-chars", type=int, default=1, help="drop shorter cleaned documents")
+    parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out")
+    parser.add_argument("--no-progress", action="store_true")
+    return cli.main(parser, _run, argv)
+
+
+def _run(args):
+    from hvd_llama.launcher import launched
+    m = prepare(args.input, args.output, args.tokenizer, args.vocab_size, args.text_field,
+                max(1, args.workers), args.min_chars, args.val_fraction,
+                progress=not args.no_progress, launched=launched())
+    if m is None:  # not rank 0 of a launched prepare
+        return
+    c, splits = m["cleaning"], m["splits"]
+    print(f"{args.output}: {splits['train']['documents']:,} train + "
+          f"{splits['val']['documents']:,} val documents, "
+          f"{splits['train']['tokens']:,} + {splits['val']['tokens']:,} "
+          f"tokens; read {c.get('documents', 0):,}, dropped {c.get('too_short', 0):,} "
+          f"too short and {c.get('duplicates', 0):,} duplicates, skipped "
+          f"{c.get('bad_records', 0):,} bad records and {c.get('bad_utf8_bytes', 0):,} "
+          f"undecodable bytes"
+          + (f" (first bad record: {c['first_bad_record']})" if "first_bad_record" in c else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ and loss scaling would otherwise see each replica's gradients before they are av
 
 import tensorflow as tf
 
+from hvd_llama import compat
 from hvd_llama.errors import UserError
 
 _strategy = None  # the MirroredStrategy under mirrored/hybrid; None under horovod
@@ -101,7 +102,6 @@ def mean(per_replica):
     if _strategy is None:
         return per_replica
     flat = tf.nest.flatten(per_replica)
-    reduced = _strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN,
-                                                 [(v, v) for v in flat])
+    reduced = compat.batch_mean(_strategy, flat)
     first = [_strategy.experimental_local_results(r)[0] for r in reduced]
     return tf.nest.pack_sequence_as(per_replica, first)

@@ -1,14 +1,11 @@
-"""The training loop, top to bottom: data, model, optimizer, restore, steps, checkpoints, export.
+"""A training run in three phases, each read top to bottom: setup, loop, finish.
 
-Distributed touchpoints, each visible here: the model and optimizer are built under
-dist.strategy's tf.distribute strategy (replicas.py: a copy per device under mirrored/hybrid),
-whose replicas' gradients are averaged inside the process; the optimizer is wrapped so gradients
-are averaged between processes by Horovod allreduce (inside `optimizer.apply`, once per optimizer
-step, after the micro-batches are accumulated); rank 0's weights and optimizer state are
-broadcast before the first step (`checkpoint.restore`); the logged loss is averaged over all
-processes; only rank 0 prints and writes files.
+Every rank runs every phase; only rank 0 prints and writes files. The collectives, which every
+rank must reach in the same order, are all visible here (and numbered in `setup`'s docstring);
+the step's own allreduce is inside `optimizer.apply` (step.py).
 """
 
+import dataclasses
 import datetime
 import json
 import math
@@ -16,178 +13,122 @@ import os
 import shutil
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from hvd_llama import checkpoint, data, distributed as dist, export, hardware
-from hvd_llama import model as model_lib, optim, plan, replicas
-from hvd_llama import config as config_lib
+from hvd_llama import checkpoint, data, distributed as dist, export, hardware, plan, replicas
+from hvd_llama import config as config_lib, step as step_lib
 from hvd_llama.atomic import atomic_path, write_bytes
 from hvd_llama.errors import UserError
+from hvd_llama.layout import Layout
+from hvd_llama.shards import Prepared
 
 
-def token_loss(model, tokens, training):
-    """Mean next-token cross-entropy of int32 [b, seq_len + 1] tokens, in float32.
-
-    A plain mean: Keras's loss classes divide by the replica count under a tf.distribute
-    strategy, expecting their sum; replicas.mean averages instead."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, seq_len] each, shifted by one
-    # An int32 padding mask: keras-hub's bool mask breaks under MirroredStrategy (AddN on bool).
-    logits = model({"token_ids": inputs, "padding_mask": tf.ones_like(inputs)},
-                   training=training)  # [b, seq_len, vocab], in the compute dtype
-    return tf.reduce_mean(keras.ops.sparse_categorical_crossentropy(
-        targets, tf.cast(logits, tf.float32), from_logits=True))
+def run(c):
+    """Train Config c; returns the trained model and {"step", "loss"} of the last log."""
+    r = setup(c)
+    last = loop(c, r)
+    finish(c, r, last)
+    return r.model, last
 
 
-def make_gradients(model, jit_compile=False):
-    """(int32 [k, d*b, seq_len + 1]: this process's k micro-batches of b sequences for each of
-    its d replicas, loss scale) -> (mean loss, mean gradients) over all of them. Each replica
-    runs the forward and backward passes of its share, compiled with XLA when jit_compile is
-    set; the replicas' results are then averaged inside the process. No communication between
-    processes."""
-    variables = model.trainable_variables
-
-    def micro_step(tokens, scale):
-        with tf.GradientTape() as tape:
-            loss = token_loss(model, tokens, training=True)
-            scaled_loss = loss * scale  # float16: lift small gradients above underflow
-        # The embedding's gradient comes as IndexedSlices; the accumulator and the
-        # all-reduces want it dense.
-        return loss, [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
-
-    @tf.function(jit_compile=jit_compile)
-    def replica_gradients(micro_batches, scale):  # [k, b, seq_len + 1]: this replica's
-        loss, grads = micro_step(micro_batches[0], scale)
-        for j in tf.range(1, tf.shape(micro_batches)[0]):  # a graph loop, not k copies
-            more_loss, more = micro_step(micro_batches[j], scale)
-            loss += more_loss
-            grads = [g + m for g, m in zip(grads, more)]
-        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
-        return loss / k, [g / k for g in grads]  # equal micro-batches: the mean of means
-
-    def replica(micro_batches, scale):
-        # Replica i of d takes sequences [i*b, (i+1)*b) of each micro-batch (data.py's rows).
-        ctx = tf.distribute.get_replica_context()
-        shape = tf.shape(micro_batches)
-        mine = tf.reshape(micro_batches, [shape[0], ctx.num_replicas_in_sync, -1, shape[2]])
-        return replica_gradients(mine[:, ctx.replica_id_in_sync_group], scale)
-
-    @tf.function
-    def gradients(micro_batches, scale):
-        return replicas.mean(replicas.strategy().run(replica, args=(micro_batches, scale)))
-
-    return gradients
+@dataclasses.dataclass
+class Run:
+    """What setup hands the loop and finish."""
+    layout: Layout
+    dataset: Prepared
+    model: object
+    optimizer: object
+    jit: bool
+    start: int  # the last step already done (0: a fresh run)
+    rows: int  # global rows consumed by the steps done
+    peak: float  # the devices' peak TFLOP/s per process, for MFU (0: unknown)
 
 
-def make_train_step(model, optimizer, jit_compile=False):
-    """One optimizer step over int32 [k, d*b, seq_len + 1]: k micro-batches of b sequences for
-    each of this process's d replicas.
-
-    The forward and backward passes (make_gradients) run in one function per replica, compiled
-    with XLA when jit_compile is set; the allreduce and the update run outside it, so Horovod's
-    ops never need an XLA lowering, and outside the strategy's scope (replicas.py). Returns
-    (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
-    variables = model.trainable_variables
-    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
-    gradients = make_gradients(model, jit_compile)
-
-    @tf.function
-    def train_step(micro_batches):
-        scale = tf.convert_to_tensor(optimizer.dynamic_scale) if scaled else tf.constant(1.0)
-        learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
-        loss, grads = gradients(micro_batches, scale)
-        norm = optimizer.apply(grads, variables)  # allreduce, clip, update (or skip)
-        return loss, norm / scale, learning_rate
-
-    return train_step
-
-
-def build(c):
-    """(model, its DistributedOptimizer, whether the gradients run under XLA) for Config c."""
-    with replicas.strategy().scope():  # mirrored/hybrid: a copy of every variable per device
-        model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
-        optimizer = dist.DistributedOptimizer(
-            optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
-            compression=c.dist.compression)
-        optimizer.build(model.trainable_variables)  # its variables exist before a restore
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
-    return model, optimizer, jit
-
-
-def peak_tflops(c):
-    """(the devices' peak TFLOP/s per process, where it comes from), the same on every rank.
-    A CPU's peak is measured: with every process measuring at once, each sees its share of
-    the cores (logical CPU devices share them too)."""
-    dist.barrier()
-    peak, source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops)
-    if tf.config.get_visible_devices("GPU") and not c.train.peak_tflops:
-        peak *= replicas.count()  # a datasheet figure is per GPU
-    return float(dist.allreduce_mean(peak)), source
-
-
-def make_eval_step(model):
-    """The validation loss of int32 [b, seq_len + 1], on the first replica's device."""
-    return tf.function(lambda batch: token_loss(model, batch, training=False))
-
-
-def run(config):
-    """Train as configured; returns the trained model and {"step", "loss"} of the last log."""
-    c, run_dir = config, config.run.dir
-    d = replicas.count()  # replicas (devices) in this process: 1 under dist.strategy=horovod
-    micro = config_lib.micro_batch(c, dist.size() * d)  # the same verdict on every rank
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    if not on_gpu:  # refuse instead of running out
-        plan.check_fits(c, dist.size() * d, dist.local_size() * d)
-    resume_meta = checkpoint.check_run_dir(c)  # refuses bad run dirs before any compute
+def setup(c):
+    """Everything before the first step. The collectives, in this order on every rank:
+      1. broadcast  rank 0's verdict on run.dir: start fresh, resume (from which checkpoint),
+                    or refuse (the error then stops every rank alike)
+      2. barrier    local rank 0 of each host has prepared the built-in dataset
+      3. broadcast  rank 0's weights and optimizer state (restored, or freshly initialised)
+      4. barrier    then allreduce: the CPU peak, measured by all processes at once
+      5. allgather  the hosts' names, for the banner
+    """
+    layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
+    if not tf.config.list_physical_devices("GPU"):  # refuse instead of running out
+        plan.check_fits(c, layout, dist.local_size() * layout.devices)
+    verdict = _on_chief(checkpoint.resume_point, c)
+    resume = dist.broadcast_object(verdict)  # 1
+    if isinstance(resume, UserError):
+        raise resume
     if dist.is_chief():
-        os.makedirs(run_dir, exist_ok=True)
-        write_bytes(os.path.join(run_dir, "config.yaml"), config_lib.to_yaml(c).encode())
+        os.makedirs(c.run.dir, exist_ok=True)
+        write_bytes(os.path.join(c.run.dir, "config.yaml"), config_lib.to_yaml(c).encode())
 
-    path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size) \
+    path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size, dist.local_rank()) \
         if c.data.path == "builtin" else c.data.path
+    dist.barrier()  # 2
     # Sizes are checked on every rank; the sha256 pass reads every shard, so once per host.
-    dataset = data.Prepared(path, c.model.vocab_size,
-                            verify=c.data.verify and dist.local_rank() == 0)
-    train_seqs = dataset.sequences("train", c.data.seq_len)
-    val = data.validation_batches(dataset.sequences("val", c.data.seq_len), micro * d,
-                                  c.train.eval_batches, dist.rank(), dist.size())
-    model, optimizer, jit = build(c)
-    checkpoint.restore(resume_meta, model, optimizer)  # then broadcast from rank 0
-    start = resume_meta["step"] if resume_meta else 0
-    rows = resume_meta["rows"] if resume_meta else 0  # global sequences consumed so far
-
-    peak, peak_source = peak_tflops(c)
-    world = dist.world()
-    tokens_per_step = c.train.global_batch * c.data.seq_len
-    flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
+    dataset = Prepared(path, c.model.vocab_size, verify=c.data.verify and dist.local_rank() == 0)
+    model, optimizer, jit = step_lib.build(c)
+    checkpoint.restore(resume, model, optimizer)  # on rank 0
+    dist.broadcast_variables(model.variables + optimizer.variables)  # 3
+    dist.barrier()  # 4: every process measures a CPU's peak at once, each on its share
+    peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops,
+                                             replicas.count())
+    peak = float(dist.allreduce_mean(peak))  # 4
+    world = dist.world()  # 5
+    r = Run(layout, dataset, model, optimizer, jit, start=resume["step"] if resume else 0,
+            rows=resume["rows"] if resume else 0, peak=peak)
     if dist.is_chief():
-        print(f"hvd_llama: {world['size']} process(es) on {len(world['hosts'])} host(s) "
-              f"({', '.join(world['hosts'])}), controller {world['controller']}, "
-              f"tensor ops {world['tensor_ops']}; dist.strategy={c.dist.strategy}: "
-              f"{replicas.describe()}", flush=True)
-        for line in plan.describe(c, dist.size(), d):
-            print(line, flush=True)
-        print(f"compute: {c.train.precision}, XLA {'on' if jit else 'off'}, remat "
-              f"{'on' if c.train.remat else 'off'}; peak {peak:.3g} TFLOP/s per process "
-              f"({peak_source})", flush=True)
-        print(f"data: {path}: {train_seqs.n:,} sequences "
-              f"({c.train.steps * c.train.global_batch / max(train_seqs.n, 1):.2f} epochs), "
-              f"{len(val)} validation batches; this run: steps {start + 1}..{c.train.steps}",
-              flush=True)
+        print("\n".join(_banner(c, r, world, peak_source)), flush=True)
+    return r
 
-    batches = data.dataset(train_seqs, micro * d, c.train.seed, first_row=rows,
-                           steps=c.train.steps - start, rank=dist.rank(), size=dist.size(),
-                           accum=c.train.grad_accum)
-    train_step, eval_step = make_train_step(model, optimizer, jit), make_eval_step(model)
-    metrics = _Metrics(run_dir, c.train.steps, append=resume_meta is not None)
-    last = {"step": start, "loss": None}
-    skipped = 0
+
+def _on_chief(fn, *args):
+    """fn(*args) on rank 0, or the UserError it raised (to broadcast); None elsewhere."""
+    if not dist.is_chief():
+        return None
+    try:
+        return fn(*args)
+    except UserError as e:
+        return e
+
+
+def _banner(c, r, world, peak_source):
+    train = r.dataset.sequences("train", c.data.seq_len)
+    return [
+        f"hvd_llama: {world['size']} process(es) on {len(world['hosts'])} host(s) "
+        f"({', '.join(world['hosts'])}), controller {world['controller']}, tensor ops "
+        f"{world['tensor_ops']}; dist.strategy={c.dist.strategy}: {replicas.describe()}",
+        *plan.describe(c, r.layout),
+        f"compute: {c.train.precision}, XLA {'on' if r.jit else 'off'}, remat "
+        f"{'on' if c.train.remat else 'off'}; peak {r.peak:.3g} TFLOP/s per process "
+        f"({peak_source})",
+        f"data: {r.dataset.path}: {train.n:,} sequences "
+        f"({c.train.steps * r.layout.global_batch / max(train.n, 1):.2f} epochs), "
+        f"{c.train.eval_batches if c.train.eval_every else 0} validation batch(es) of "
+        f"{r.layout.global_batch}; this run: steps {r.start + 1}..{c.train.steps}"]
+
+
+def loop(c, r):
+    """The optimizer steps from r.start + 1 to train.steps; {"step", "loss"} of the last log.
+    Collectives: the step's allreduce, and at each logged step the mean loss (and the
+    validation loss when evaluating)."""
+    layout, optimizer = r.layout, r.optimizer
+    batches = data.dataset(r.dataset.sequences("train", c.data.seq_len), layout, c.train.seed,
+                           first_row=r.rows, steps=c.train.steps - r.start)
+    val = data.validation_batches(r.dataset.sequences("val", c.data.seq_len), layout,
+                                  c.train.eval_batches) if c.train.eval_every else []
+    train_step = step_lib.make_train_step(r.model, optimizer, layout, r.jit)
+    eval_step = step_lib.make_eval_step(r.model)
+    metrics = _Metrics(c.run.dir, c.train.steps, append=r.start > 0)
+    flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * layout.tokens_per_step
+    last, skipped = {"step": r.start, "loss": None}, 0
     t_log, steps_since_log = time.perf_counter(), 0
-    for step, batch in enumerate(batches, start=start + 1):
+    for step, batch in enumerate(batches, start=r.start + 1):
         loss, grad_norm, learning_rate = train_step(batch)
-        rows += c.train.global_batch
+        r.rows = layout.position(r.rows, 1)
         steps_since_log += 1
         grad_norm = float(grad_norm)  # of the allreduced gradients: the same on every rank
         if not math.isfinite(grad_norm):
@@ -195,41 +136,48 @@ def run(config):
             _nonfinite(c, optimizer, step, skipped)
         last_step = step == c.train.steps
         val_loss = None
-        if val and c.train.eval_every and (step % c.train.eval_every == 0 or last_step):
-            # Every rank evaluates its part of the same validation batches.
-            t_eval = time.perf_counter()
+        if val and (step % c.train.eval_every == 0 or last_step):
+            t_eval = time.perf_counter()  # every rank evaluates its part of the same batches
             val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
             t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
         if step % c.train.log_every == 0 or last_step or val_loss is not None:
-            loss = float(dist.allreduce_mean(loss))  # every rank joins; rank 0 reports
-            now = time.perf_counter()
-            seconds_per_step = (now - t_log) / steps_since_log
-            record = {"step": step, "loss": loss, "perplexity": _perplexity(loss),
-                      "learning_rate": float(learning_rate), "grad_norm": grad_norm,
-                      "tokens_per_sec": tokens_per_step / seconds_per_step,
-                      "mfu": flops_per_step / seconds_per_step / (peak * 1e12 * dist.size())
-                      if peak else 0.0,
-                      "eta_sec": (c.train.steps - step) * seconds_per_step,
-                      "skipped_steps": skipped}
+            seconds_per_step = (time.perf_counter() - t_log) / steps_since_log
+            record = _record(c, step, float(dist.allreduce_mean(loss)), learning_rate,
+                             grad_norm, skipped, seconds_per_step, layout.tokens_per_step,
+                             flops_per_step / (r.peak * 1e12 * dist.size()) if r.peak else 0.0)
             if c.train.precision == "float16":
                 record["loss_scale"] = float(optimizer.dynamic_scale.numpy())
             if val_loss is not None:
                 record.update(val_loss=val_loss, val_perplexity=_perplexity(val_loss))
             metrics.write(record)
-            last = {"step": step, "loss": loss}
-            t_log, steps_since_log = now, 0
+            last = {"step": step, "loss": record["loss"]}
+            t_log, steps_since_log = time.perf_counter(), 0
         if step % c.train.checkpoint_every == 0 or last_step:
-            checkpoint.save(c, step, rows, model, optimizer)
-
-    if dist.is_chief():
-        exports = os.path.join(run_dir, "saved_model")  # TF Serving's <dir>/<version>/
-        path = export.export(model, exports, export.next_version(exports),
-                             c.model.max_position_embeddings, dataset.tokenizer_path)[0]
-        with atomic_path(os.path.join(run_dir, "tokenizer.model")) as tmp:
-            shutil.copyfile(dataset.tokenizer_path, tmp)
-        print(f"done: step {last['step']}, loss {last['loss']}; exported {path}", flush=True)
+            checkpoint.save(c, step, r.rows, r.model, optimizer)
     metrics.close()
-    return model, last
+    return last
+
+
+def _record(c, step, loss, learning_rate, grad_norm, skipped, seconds_per_step, tokens,
+            flops_over_peak):
+    return {"step": step, "loss": loss, "perplexity": _perplexity(loss),
+            "learning_rate": float(learning_rate), "grad_norm": grad_norm,
+            "tokens_per_sec": tokens / seconds_per_step,
+            "mfu": flops_over_peak / seconds_per_step,
+            "eta_sec": (c.train.steps - step) * seconds_per_step, "skipped_steps": skipped}
+
+
+def finish(c, r, last):
+    """Rank 0 exports the trained model as the next SavedModel version, with its tokenizer.
+    No collectives."""
+    if not dist.is_chief():
+        return
+    exports = os.path.join(c.run.dir, "saved_model")  # TF Serving's <dir>/<version>/
+    path = export.export(r.model, exports, export.next_version(exports),
+                         c.model.max_position_embeddings, r.dataset.tokenizer_path)[0]
+    with atomic_path(os.path.join(c.run.dir, "tokenizer.model")) as tmp:
+        shutil.copyfile(r.dataset.tokenizer_path, tmp)
+    print(f"done: step {last['step']}, loss {last['loss']}; exported {path}", flush=True)
 
 
 def _nonfinite(c, optimizer, step, skipped):

@@ -15,10 +15,11 @@ HOSTS=() SLOTS=() NP="" CONTROLLER="" IFACE="" SSH_PORT="" CONTAINER="" DRY_RUN=
 
 die() { echo "$LAUNCHER: $*" >&2; exit 2; }
 
+# usage: the one-line synopsis; --help prints it to stdout and exits 0, a missing CONFIG prints
+# it to stderr and exits 2.
 usage() {
   echo "usage: $LAUNCHER (-H HOST:SLOTS[,...] | --hostfile FILE) [-np N] [--iface NAME]" \
-       "[--gloo | --mpi] [--ssh-port PORT] [--container IMAGE.sif] [--dry-run] CONFIG [section.key=value ...]" >&2
-  exit 2
+       "[--gloo | --mpi] [--ssh-port PORT] [--container IMAGE.sif] [--dry-run] CONFIG [section.key=value ...]"
 }
 
 is_local() {
@@ -84,12 +85,12 @@ parse_args() {
       --ssh-port) SSH_PORT=$2; shift 2 ;;
       --container) CONTAINER=$2; shift 2 ;;
       --dry-run) DRY_RUN=1; shift ;;
-      -h | --help) usage ;;
+      -h | --help) usage; exit 0 ;;
       -*) die "unknown option $1 (see --help)" ;;
       *) break ;;
     esac
   done
-  [ $# -ge 1 ] || usage
+  [ $# -ge 1 ] || { usage >&2; exit 2; }
   CONFIG=$1; shift
   OVERRIDES=("$@")
   if [ -n "$hostlist" ] && [ -n "$hostfile" ]; then die "give -H or --hostfile, not both"; fi

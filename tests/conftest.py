@@ -12,7 +12,8 @@ import pytest
 from hvd_llama.launcher import plain_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny.yaml")
+TINY = os.path.join(REPO, "configs", "tiny.yaml")  # for tests of learning
+MICRO = os.path.join(REPO, "configs", "micro.yaml")  # for tests of equivalence and plumbing
 WORKER = os.path.join(REPO, "tests", "mp_worker.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 CONTROLLERS = ["gloo", "mpi"]
@@ -21,9 +22,11 @@ STEPS = 5  # of the equivalence runs: all inside tiny's warmup, so train.steps m
 ENV = {**plain_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 
 
-def run(cmd, check=True, timeout=900):
-    """Run a command to completion; on an unexpected exit, fail with the tail of its output."""
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
+def run(cmd, check=True, timeout=900, env=None):
+    """Run a command to completion (in ENV, updated by `env`; a None value removes a variable);
+    on an unexpected exit, fail with the tail of its output."""
+    full = {k: v for k, v in {**ENV, **(env or {})}.items() if v is not None}
+    proc = subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         text = proc.stdout + proc.stderr
@@ -56,8 +59,8 @@ def assert_one_line_error(proc, *fragments):
         assert fragment in last, (fragment, last)
 
 
-def train_cli(*overrides, check=True):
-    return run([sys.executable, "-m", "hvd_llama.train", "--config", TINY, *overrides],
+def train_cli(*overrides, check=True, config=TINY):
+    return run([sys.executable, "-m", "hvd_llama.train", "--config", config, *overrides],
                check=check)
 
 
@@ -101,7 +104,7 @@ def assert_trains_like(out, reference, steps=STEPS):
 
 
 def train_args(out, cache_dir, *overrides, steps=STEPS):
-    """mp_worker's tiny run for `steps` steps at global batch 8, whatever the process and
+    """mp_worker's micro run for `steps` steps at global batch 8, whatever the process and
     device count, in OUT/run."""
     return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
             f"train.steps={steps}", "train.global_batch=8", "train.log_every=1",
@@ -110,7 +113,7 @@ def train_args(out, cache_dir, *overrides, steps=STEPS):
 
 @pytest.fixture(scope="session")
 def one_process(tmp_path_factory, cache_dir):
-    """The reference: 1 process x batch 8."""
+    """The reference: 1 process x batch 8, with checkpoints at steps 2, 4 and 5."""
     out = str(tmp_path_factory.mktemp("np1"))
-    run([sys.executable, *train_args(out, cache_dir)])
+    run([sys.executable, *train_args(out, cache_dir, "train.checkpoint_every=2")])
     return out

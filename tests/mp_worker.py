@@ -1,7 +1,7 @@
 """Test workers: run alone or under `horovodrun -np 2`, each rank writes what it saw to OUT.
 
     python tests/mp_worker.py train OUT [section.key=value ...]
-        trains configs/tiny.yaml with the overrides; OUT/rank<r>.npz = final weights,
+        trains configs/micro.yaml with the overrides; OUT/rank<r>.npz = final weights,
         OUT/rank<r>-copies.json = how many device copies each weight has, and their spread
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = os.path.join(HERE, os.pardir, "configs", "tiny.yaml")
+MICRO = os.path.join(HERE, os.pardir, "configs", "micro.yaml")
 
 
 def weights(model):
@@ -26,8 +26,9 @@ def weights(model):
 
 def train(out, overrides):
     from hvd_llama import config, distributed as dist, replicas, trainer
-    cfg = config.load(TINY, overrides)
+    cfg = config.load(MICRO, overrides)
     dist.init(cfg.dist, cfg.run.dir)
+    replicas.setup(cfg.dist, dist.local_rank(), dist.local_size())
     model, _ = trainer.run(cfg)
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
     # Every device's copy of every weight (one copy outside mirrored/hybrid), against the first.
@@ -38,11 +39,12 @@ def train(out, overrides):
 
 
 def data(out, path):
-    from hvd_llama import data as data_lib, distributed as dist
+    from hvd_llama import data as data_lib, distributed as dist, shards
+    from hvd_llama.layout import Layout
     dist.init()
-    seqs = data_lib.Prepared(path).sequences("train", 16)
-    batches = data_lib.dataset(seqs, batch_size=2, seed=5, first_row=0, steps=8,
-                               rank=dist.rank(), size=dist.size())
+    seqs = shards.Prepared(path).sequences("train", 16)
+    batches = data_lib.dataset(seqs, Layout(dist.size(), 1, dist.rank(), 1, 2, 16), seed=5,
+                               first_row=0, steps=8)
     np.save(os.path.join(out, f"rank{dist.rank()}.npy"), np.stack([b[0] for b in batches]))
 
 

@@ -25,8 +25,8 @@ def test_base_file_is_the_defaults_and_comments_every_key():
             assert len(line) == 1 and "#" in line[0], f"{section}.{key} is not documented"
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "llama-7b", "llama-13b", "llama-33b",
-                                  "llama-65b"])
+@pytest.mark.parametrize("name", ["micro", "tiny", "small", "llama-7b", "llama-13b",
+                                  "llama-33b", "llama-65b"])
 def test_model_files_build_on_the_base(name):
     path = os.path.join(CONFIGS, f"{name}.yaml")
     with open(path) as f:
@@ -44,7 +44,7 @@ def test_paper_parameter_counts(name, billions):
     assert c.train.global_batch * c.data.seq_len == 4 * 1024 * 1024  # 4M tokens
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["micro", "tiny", "small"])
 def test_param_count_is_keras_hubs_exact_count(name):
     from hvd_llama import model as model_lib
     c = config.load(os.path.join(CONFIGS, f"{name}.yaml"))

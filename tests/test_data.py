@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import HOROVODRUN, REPO, WORKER, run, train_cli
-from hvd_llama import corpus, data, prepare, tokenizer
+from conftest import HOROVODRUN, MICRO, REPO, WORKER, run, train_cli
+from hvd_llama import corpus, data, prepare, shards, tokenizer
 from hvd_llama.errors import UserError
+from hvd_llama.layout import Layout
 
 DOCS = [f"Document {i} is about topic {i % 7}, and it has {i * 37 % 101} words in it."
         for i in range(240)]
@@ -91,7 +92,7 @@ def test_epoch_partition_reads_every_sequence_once():
         steps = -(-n // g)
         got = []
         for step in range(steps):
-            per_rank = [data.rows(0, step, r, size, b) for r in range(size)]
+            per_rank = [Layout(size, 1, r, 1, b, 16).rows(0, step, 0) for r in range(size)]
             assert all(len(x) == b for x in per_rank)  # no imbalance
             got.extend(np.concatenate(per_rank))
         epoch0 = [r for r in got if r < n]
@@ -105,9 +106,10 @@ def test_epoch_partition_reads_every_sequence_once():
 
 def test_resumed_pipeline_reads_what_an_uninterrupted_one_would(prepared):
     out, _ = prepared
-    seqs = data.Prepared(out).sequences("train", 16)
-    whole = list(data.dataset(seqs, 2, seed=1, first_row=0, steps=9, rank=0, size=1))
-    resumed = list(data.dataset(seqs, 2, seed=1, first_row=5 * 2, steps=4, rank=0, size=1))
+    seqs = shards.Prepared(out).sequences("train", 16)
+    layout = Layout(1, 1, 0, 1, 2, 16)
+    whole = list(data.dataset(seqs, layout, seed=1, first_row=0, steps=9))
+    resumed = list(data.dataset(seqs, layout, seed=1, first_row=layout.position(0, 5), steps=4))
     for a, b in zip(whole[5:], resumed):
         assert np.array_equal(a, b)
     assert whole[0].shape == (1, 2, 17) and whole[0].dtype == np.int32
@@ -116,9 +118,9 @@ def test_resumed_pipeline_reads_what_an_uninterrupted_one_would(prepared):
 def test_an_accumulated_step_reads_the_same_global_batch(prepared):
     """k micro-batches of b hold, in order, the one batch of k*b of the same step."""
     out, _ = prepared
-    seqs = data.Prepared(out).sequences("train", 16)
-    micro = list(data.dataset(seqs, 2, seed=1, first_row=0, steps=4, rank=0, size=1, accum=3))
-    whole = list(data.dataset(seqs, 6, seed=1, first_row=0, steps=4, rank=0, size=1))
+    seqs = shards.Prepared(out).sequences("train", 16)
+    micro = list(data.dataset(seqs, Layout(1, 1, 0, 3, 2, 16), seed=1, first_row=0, steps=4))
+    whole = list(data.dataset(seqs, Layout(1, 1, 0, 1, 6, 16), seed=1, first_row=0, steps=4))
     assert micro[0].shape == (3, 2, 17)
     for m, w in zip(micro, whole):
         assert np.array_equal(m.numpy().reshape(6, 17), w[0])
@@ -126,11 +128,32 @@ def test_an_accumulated_step_reads_the_same_global_batch(prepared):
 
 def test_validation_batches_come_from_the_val_split(prepared):
     out, _ = prepared
-    ds = data.Prepared(out)
+    ds = shards.Prepared(out)
     val = ds.sequences("val", 16)
-    batches = data.validation_batches(val, 2, count=3, rank=1, size=2)
+    batches = data.validation_batches(val, Layout(2, 1, 1, 1, 2, 16), count=3)
     assert len(batches) == 3
     assert np.array_equal(batches[0], val.fetch(np.array([2, 3]) % val.n))
+
+
+class _Ids:
+    """Sequences whose windows are their own ids: to see which rows a reader takes."""
+    n, seq_len = 1000, 1
+
+    def fetch(self, ids):
+        return np.asarray(ids)
+
+
+@pytest.mark.parametrize("processes, devices, accum", [(1, 1, 1), (2, 1, 4), (2, 2, 2)])
+def test_eval_batches_counts_global_batches_in_every_layout(processes, devices, accum):
+    """train.eval_batches=3 at global batch 8: the processes read validation rows 0..23 between
+    them, each once, in micro-batches of d*b, whatever the layout."""
+    read = []
+    for rank in range(processes):
+        layout = Layout(processes, devices, rank, accum, 8 // (processes * devices * accum), 16)
+        batches = data.validation_batches(_Ids(), layout, count=3)
+        assert len(batches) == 3 * accum and all(len(b) == layout.process_batch for b in batches)
+        read.extend(np.concatenate(batches))
+    assert sorted(read) == list(range(24))
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
@@ -140,9 +163,9 @@ def test_two_ranks_read_disjoint_halves_of_the_one_process_batch(prepared, tmp_p
     run([HOROVODRUN, "-np", "2", "-H", "localhost:2", f"--{controller}", sys.executable,
          WORKER, "data", str(tmp_path), out])
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
-    seqs = data.Prepared(out).sequences("train", 16)
-    one = np.stack([b[0] for b in data.dataset(seqs, 4, seed=5, first_row=0, steps=8, rank=0,
-                                               size=1)])
+    seqs = shards.Prepared(out).sequences("train", 16)
+    one = np.stack([b[0] for b in data.dataset(seqs, Layout(1, 1, 0, 1, 4, 16), seed=5,
+                                               first_row=0, steps=8)])
     assert np.array_equal(np.concatenate([r0, r1], axis=1), one)
 
 
@@ -164,7 +187,7 @@ def test_inspect_prints_the_split(prepared):
     out, m = prepared
     proc = run([sys.executable, "-m", "hvd_llama.data", "inspect", out, "--seq-len", "16",
                 "--processes", "3", "--batch-size", "2"])
-    n = data.Prepared(out).sequences("train", 16).n
+    n = shards.Prepared(out).sequences("train", 16).n
     assert f"{n:,} sequences; 3 process(es) x batch 2 = 6 per step" in proc.stdout
     assert f"{m['splits']['train']['tokens']:,} tokens" in proc.stdout
     assert "sample 0: 'Document 0 is about topic 0" in proc.stdout
@@ -207,14 +230,14 @@ def test_interrupted_or_damaged_dataset_is_refused(prepared, tmp_path):
     shutil.copytree(out, partial)
     os.remove(partial / "manifest.json")
     with pytest.raises(UserError, match="not a prepared dataset"):
-        data.Prepared(str(partial))
+        shards.Prepared(str(partial))
     shard = m["splits"]["train"]["shards"][0]["file"]
     truncated = tmp_path / "truncated"
     shutil.copytree(out, truncated)
     with open(truncated / shard, "r+b") as f:
         f.truncate(100)
     with pytest.raises(UserError, match=f"{shard}: 100 bytes, manifest.json says"):
-        data.Prepared(str(truncated))
+        shards.Prepared(str(truncated))
     flipped = tmp_path / "flipped"
     shutil.copytree(out, flipped)
     with open(flipped / shard, "r+b") as f:
@@ -223,8 +246,8 @@ def test_interrupted_or_damaged_dataset_is_refused(prepared, tmp_path):
         f.seek(10)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(UserError, match=f"{shard}: checksum differs"):
-        data.Prepared(str(flipped))
-    data.Prepared(str(flipped), verify=False)  # data.verify=false skips the hashing
+        shards.Prepared(str(flipped))
+    shards.Prepared(str(flipped), verify=False)  # data.verify=false skips the hashing
 
 
 def test_train_refuses_a_dataset_of_another_vocab_or_damaged(prepared, tmp_path):
@@ -240,7 +263,7 @@ def test_prepared_dataset_trains(prepared, tmp_path):
     out, _ = prepared
     run_dir = tmp_path / "r"
     train_cli(f"data.path={out}", f"run.dir={run_dir}", "model.vocab_size=320",
-              "data.seq_len=16", "train.steps=3", "train.eval_every=3")
+              "data.seq_len=16", "train.steps=3", "train.eval_every=3", config=MICRO)
     with open(run_dir / "metrics.jsonl") as f:
         last = [json.loads(line) for line in f][-1]
     assert last["step"] == 3 and "val_loss" in last

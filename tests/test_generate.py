@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ENV, run, train_cli
+from conftest import ENV, MICRO, run, train_cli
 from hvd_llama import config, generate
 
 PROMPTS = np.array([[1, 45, 30, 22, 9], [1, 77, 5, 0, 0]], np.int32)
@@ -68,9 +68,9 @@ def test_generation_past_the_context_is_refused(small_model):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, short):
-    """A tiny run (built-in corpus and tokenizer), exported by the trainer as version 1."""
+    """A micro run (built-in corpus and tokenizer), exported by the trainer as version 1."""
     run_dir = str(tmp_path_factory.mktemp("gen") / "run")
-    train_cli(f"run.dir={run_dir}", *short, "train.steps=2")
+    train_cli(f"run.dir={run_dir}", *short, "train.steps=2", config=MICRO)
     return run_dir
 
 

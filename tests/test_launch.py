@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ENV, REPO, TINY
+from conftest import ENV, MICRO, REPO, TINY
 
 BIN = os.path.dirname(sys.executable)
 LAUNCH_ENV = {**ENV, "PYTHON": sys.executable, "PATH": BIN + os.pathsep + ENV["PATH"]}
@@ -59,10 +59,10 @@ def hostfile(tmp_path):
 
 @pytest.mark.parametrize("launcher, options, controller", [
     ("horovodrun.sh", ["--gloo"], "gloo"), ("mpirun.sh", [], "mpi")])
-def test_launcher_trains_tiny_on_two_local_slots(launcher, options, controller, hostfile,
-                                                 tmp_path, cache_dir):
+def test_launcher_trains_on_two_local_slots(launcher, options, controller, hostfile,
+                                            tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    proc = sh(["bash", os.path.join("mpi", launcher), "--hostfile", hostfile, *options, TINY,
+    proc = sh(["bash", os.path.join("mpi", launcher), "--hostfile", hostfile, *options, MICRO,
                f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.steps=4",
                "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -93,6 +93,27 @@ def test_launcher_refuses_before_any_rank_starts(launcher, args, message, tmp_pa
     assert proc.stderr.startswith(f"mpi/{launcher}: ") and message in proc.stderr, proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stdout == "" and not run_dir.exists()
+
+
+OPTIONS = ["-H", "--hostfile", "-np", "--iface", "--gloo", "--mpi", "--ssh-port", "--container",
+           "--dry-run", "CONFIG"]
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun.sh", "mpirun.sh"])
+def test_launcher_help_prints_the_usage_to_stdout_and_succeeds(launcher):
+    for args in (["--help"], ["-h"], ["-H", "localhost:2", "--help", TINY]):  # before any check
+        proc = sh(["bash", f"mpi/{launcher}", *args], timeout=60)
+        assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+        assert proc.stdout.startswith(f"usage: mpi/{launcher} "), proc.stdout
+        assert all(option in proc.stdout for option in OPTIONS), proc.stdout
+    # Bad input stays an error: one line on stderr, exit 2 (without a config, the usage line).
+    proc = sh(["bash", f"mpi/{launcher}", "-H", "localhost:2"], timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith(f"usage: mpi/{launcher} ") and \
+        len(proc.stderr.splitlines()) == 1, proc.stderr
+    proc = sh(["bash", f"mpi/{launcher}", "--bogus", TINY], timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"mpi/{launcher}: unknown option --bogus (see --help)\n")
 
 
 def test_launchers_refuse_a_missing_config_and_a_malformed_hostfile(tmp_path):

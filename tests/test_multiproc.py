@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (CONTROLLERS, TINY, WORKER, arrays, assert_trains_like, horovodrun, rel_err,
+from conftest import (CONTROLLERS, MICRO, WORKER, arrays, assert_trains_like, horovodrun, rel_err,
                       rank_lines, run, train_args)
 
 
@@ -27,7 +27,7 @@ def two_processes(request, tmp_path_factory, cache_dir):
 def test_two_processes_train_like_one_with_twice_the_batch(one_process, two_processes):
     controller, out, stdout = two_processes
     assert "2 process(es) on 1 host(s)" in stdout and f"controller {controller}" in stdout
-    assert "8 sequences = 2,048 tokens = 2 process(es) x 1 micro-batch(es) x 4" in stdout
+    assert "8 sequences = 256 tokens = 2 process(es) x 1 micro-batch(es) x 4" in stdout
     assert_trains_like(out, one_process)
 
 
@@ -106,7 +106,7 @@ def test_bad_run_dir_stops_every_rank_with_one_line(two_processes, tmp_path):
     controller, out, _ = two_processes
     other = str(tmp_path / "other")
     shutil.copytree(os.path.join(out, "run"), other)
-    proc = horovodrun(controller, ["-m", "hvd_llama.train", "--config", TINY,
+    proc = horovodrun(controller, ["-m", "hvd_llama.train", "--config", MICRO,
                                    f"run.dir={other}", "train.resume=true",
                                    "model.hidden_dim=128"], check=False)
     assert proc.returncode != 0
@@ -122,7 +122,7 @@ def test_plain_mpirun_runs_the_same_command(tmp_path, cache_dir):
     env_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     run_dir = str(tmp_path / "run")
     proc = run(["mpirun", *env_root, "-np", "2", "-bind-to", "none", "-map-by", "slot",
-                sys.executable, "-m", "hvd_llama.train", "--config", TINY, f"run.dir={run_dir}",
+                sys.executable, "-m", "hvd_llama.train", "--config", MICRO, f"run.dir={run_dir}",
                 f"data.cache_dir={cache_dir}", "train.steps=2", "train.log_every=1",
                 "train.checkpoint_every=2"])
     assert "2 process(es) on 1 host(s)" in proc.stdout and "controller mpi" in proc.stdout

@@ -1,0 +1,114 @@
+"""Every hook into private or version-pinned behaviour of TensorFlow, Keras and keras-hub.
+
+Written against tensorflow 2.21, keras 3.15 and keras-hub 0.32 (setup.cfg pins them). When
+upgrading any of them, read this list and run tests/test_compat.py: each entry has a test of
+the upstream behaviour it relies on, which fails when that behaviour changes.
+
+Hooks (the function here: who calls it, and what it relies on)
+- subclass_in_place: distributed.DistributedOptimizer. An optimizer's class becomes a subclass
+  of itself, so Keras 3's single gradient entry, `apply`, is wrapped with no rebuild.
+- tf_variables: distributed.broadcast_variables. Keras 3 keeps a variable's state in the
+  tf.Variable at `.value`; Horovod's ops take only tf.Variables.
+- recompute_in_backward: model.build (train.remat). A decoder block's `call` replaced on the
+  instance by a tf.recompute_grad wrapper; keras.RematScope fails on keras-hub in graph mode.
+- build_cache: generate.make_generate. keras-hub's private prefill, LlamaCausalLM._build_cache.
+- index_shuffle: data.sequence_ids. The raw RandomIndexShuffle op: the public
+  tf.random.experimental.index_shuffle mangles a batch of seeds.
+- batch_mean: replicas.mean. `strategy.extended.batch_reduce_to`: one batched all-reduce.
+- tie_embeddings_in_preset: convert.export_keras_hub. keras-hub leaves tie_word_embeddings
+  out of a preset's config.json.
+
+Behaviour avoided rather than hooked (nothing to call here; tests/test_compat.py pins the why)
+- step.token_loss is a plain mean, not a Keras loss class: under a tf.distribute strategy with
+  several replicas those multiply the loss by 1/replicas (they expect a sum over replicas, and
+  replicas.mean averages).
+- step.token_loss passes an int32 padding mask, the dtype keras-hub's Llama declares: a bool
+  one breaks under MirroredStrategy (AddN on bool).
+
+TensorFlow is imported inside the functions (data.py's CLI imports this module and must not
+load it), and Horovod never (distributed.py is the only module that imports it).
+"""
+
+import json
+import os
+
+
+# Keras 3 optimizers are plain Python objects whose gradients all enter through `apply` (its
+# apply_gradients and model.fit call it): assigning __class__ keeps every setting they hold.
+def subclass_in_place(obj, mixin, prefix):
+    """Make `obj` an instance of a new class, prefix + its class's name, with bases
+    (mixin, its class); returns obj."""
+    base = type(obj)
+    obj.__class__ = type(f"{prefix}{base.__name__}", (mixin, base), {})
+    return obj
+
+
+# Keras 3 on TensorFlow keeps a variable's state in a tf.Variable at `.value` (a
+# MirroredVariable under a strategy); Horovod's TF ops accept nothing else.
+def tf_variables(variables):
+    """The tf.Variable behind each Keras 3 variable; tf.Variables pass through."""
+    import tensorflow as tf
+    return [v.value if hasattr(v, "value") and not isinstance(v, tf.Variable) else v
+            for v in variables]
+
+
+# keras-hub 0.32's decoder blocks are called with (sequence, decoder_padding_mask=,
+# training=) and, with a KV cache, self_attention_cache*=; TF 2.21's tf.recompute_grad takes
+# positional arguments only in graph mode, which is also why keras.RematScope fails there.
+def recompute_in_backward(block):
+    """Make a decoder block keep only its input for the backward pass and recompute the rest
+    there (activation recomputation, per block), by replacing its instance's `call`.
+
+    The padding mask is bound by position for tf.recompute_grad. With a KV cache (generation)
+    there is no backward pass, and the block runs as written.
+    """
+    import tensorflow as tf
+    call = block.call
+
+    def block_call(decoder_sequence, decoder_padding_mask=None, training=None, **cache):
+        if decoder_padding_mask is None or any(v is not None for v in cache.values()):
+            return call(decoder_sequence, decoder_padding_mask=decoder_padding_mask,
+                        training=training, **cache)
+        recompute = tf.recompute_grad(
+            lambda x, mask: call(x, decoder_padding_mask=mask, training=training))
+        return recompute(decoder_sequence, decoder_padding_mask)
+
+    block.call = block_call
+
+
+# keras-hub 0.32 has no public prefill: the private LlamaCausalLM._build_cache(token_ids)
+# runs the whole buffer once and returns (hidden states, cache [b, layers, 2, len, kv, dim]).
+def build_cache(model, token_ids):
+    """(final hidden states [b, len, hidden], KV cache) of a LlamaCausalLM over token_ids."""
+    return model._build_cache(token_ids)
+
+
+# TF 2.21's tf.random.experimental.index_shuffle pads a batch of [n, 2] seeds along the batch
+# axis instead of padding each seed to 3, so only the raw op shuffles with a seed per index.
+def index_shuffle(index, seed, max_index):
+    """The position of each `index` in the permutation of [0, max_index] that its row of
+    `seed` (shape [n, 3], or [3] for all) selects."""
+    import tensorflow as tf
+    return tf.raw_ops.RandomIndexShuffle(index=index, seed=seed, max_index=max_index)
+
+
+# tf.distribute's batched reduce is on StrategyExtended (`strategy.extended`): the strategy's
+# own reduce() all-reduces one tensor at a time.
+def batch_mean(strategy, per_replica):
+    """The replicas' mean of each per-replica value in the list, in one batched all-reduce;
+    each result is mirrored over the strategy's devices."""
+    import tensorflow as tf
+    return strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN,
+                                             [(v, v) for v in per_replica])
+
+
+# keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out, so its own
+# from_preset would rebuild a tied model untied and fail to load the weights.
+def tie_embeddings_in_preset(preset_dir):
+    """Mark the backbone in a keras-hub preset's config.json as having tied embeddings."""
+    path = os.path.join(preset_dir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    saved["config"]["tie_word_embeddings"] = True
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=4)

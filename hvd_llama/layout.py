@@ -1,0 +1,85 @@
+"""Who reads which rows: the batch arithmetic of a run, in one frozen object.
+
+A run has P processes of d replicas (devices) each: P*d replicas in all. An optimizer step is
+k micro-batches (train.grad_accum); in each, every replica runs b sequences. So
+
+    global batch G = P x d x k x b sequences (train.global_batch), G x seq_len tokens a step.
+
+The rows of the data stream (data.py turns a row into a sequence) are dealt out in that order:
+step s reads rows [first + s*G, first + (s+1)*G); its micro-batch m the next P*d*b of them;
+process p of those the d*b rows from p*d*b; and its replica r the b rows from r*b. So the
+sequences of a step are the same whatever P, d and k are, and a run's loss curve does not
+depend on how it is laid out. Data, trainer, plan and bench all take a Layout rather than
+recompute any of this.
+"""
+
+import dataclasses
+
+from hvd_llama.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    processes: int  # P: Horovod processes (1 without a launcher)
+    devices: int  # d: replicas in each process (1 under dist.strategy=horovod)
+    rank: int  # this process, 0..P-1
+    grad_accum: int  # k: micro-batches per optimizer step
+    micro: int  # b: sequences per replica per micro-batch
+    seq_len: int  # tokens per sequence (each row holds seq_len + 1: inputs, then targets)
+
+    @classmethod
+    def of(cls, c, processes=1, devices=1, rank=0):
+        """The layout of Config c over `processes` x `devices`; a UserError naming
+        train.global_batch if it does not split evenly (the same verdict on every rank)."""
+        parts = processes * devices * c.train.grad_accum
+        if c.train.global_batch % parts:
+            raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
+                            f"{processes * devices} replica(s) x train.grad_accum "
+                            f"{c.train.grad_accum}")
+        return cls(processes, devices, rank, c.train.grad_accum,
+                   c.train.global_batch // parts, c.data.seq_len)
+
+    @property
+    def replicas(self):
+        return self.processes * self.devices
+
+    @property
+    def process_batch(self):
+        """Rows this process reads per micro-batch: its replicas' b each, in replica order."""
+        return self.devices * self.micro
+
+    @property
+    def global_batch(self):
+        return self.replicas * self.grad_accum * self.micro
+
+    @property
+    def tokens_per_step(self):
+        return self.global_batch * self.seq_len
+
+    def rows(self, first_row, step, micro):
+        """This process's rows (d*b of them) at micro-batch `micro` of step `step` (relative to
+        `first_row`). Works on ints and on int64 tensors alike."""
+        import numpy as np
+        per_micro = self.replicas * self.micro
+        start = first_row + (step * self.grad_accum + micro) * per_micro \
+            + self.rank * self.process_batch
+        return start + np.arange(self.process_batch)
+
+    def position(self, first_row, steps):
+        """The first row after `steps` optimizer steps from `first_row` (a checkpoint's)."""
+        return first_row + steps * self.global_batch
+
+    def replica_rows(self, batch, replica):
+        """Replica `replica`'s [k, b, ...] of this process's [k, d*b, ...] micro-batches."""
+        import tensorflow as tf
+        shape = tf.shape(batch)
+        per_replica = tf.reshape(batch, tf.concat([[shape[0], self.devices, self.micro],
+                                                   shape[2:]], axis=0))
+        return per_replica[:, replica]
+
+    def describe(self):
+        """The startup banner's (and the dry run's) batch line."""
+        per_process = f" x {self.devices} device(s)" if self.devices > 1 else ""
+        return (f"global batch: {self.global_batch:,} sequences = {self.tokens_per_step:,} "
+                f"tokens = {self.processes} process(es){per_process} x {self.grad_accum} "
+                f"micro-batch(es) x {self.micro} sequences")
