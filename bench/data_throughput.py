@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from hvd_llama import config, corpus, data, distributed as dist, prepare, shards
+from hvd_llama import config, corpus, data, distributed as dist, prepare, replicas, shards
 from hvd_llama.layout import Layout
 from steps import hvd_llama_bench
 
@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dist.init()
+    replicas.setup(None, dist.local_rank(), dist.local_size())
     small = config.load(SMALL)
     tmp = tempfile.mkdtemp(prefix="hvd_llama_bench_")
     files = make_corpus(tmp, args.mb)

@@ -46,6 +46,8 @@ def import_tensorflow():
     show; a failed import still raises (and prints) after stderr is back."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    # TensorFlow reads it once, at import, which for `python -m hvd_llama.export` is before main.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)

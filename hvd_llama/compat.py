@@ -17,6 +17,8 @@ Hooks (the function here: who calls it, and what it relies on)
 - batch_mean: replicas.mean. `strategy.extended.batch_reduce_to`: one batched all-reduce.
 - tie_embeddings_in_preset: convert.export_keras_hub. keras-hub leaves tie_word_embeddings
   out of a preset's config.json.
+- tied_embeddings: convert.model_config_from_keras_hub. For the same reason it is read from
+  the backbone's attribute, not from get_config().
 
 Behaviour avoided rather than hooked (nothing to call here; tests/test_compat.py pins the why)
 - step.token_loss is a plain mean, not a Keras loss class: under a tf.distribute strategy with
@@ -102,8 +104,15 @@ def batch_mean(strategy, per_replica):
                                              [(v, v) for v in per_replica])
 
 
-# keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out, so its own
-# from_preset would rebuild a tied model untied and fail to load the weights.
+# keras-hub 0.32's LlamaBackbone.get_config leaves tie_word_embeddings out, so the backbone's
+# attribute is the only place to read it.
+def tied_embeddings(backbone):
+    """Whether a keras-hub LlamaBackbone shares its input and output embeddings."""
+    return bool(backbone.tie_word_embeddings)
+
+
+# For the same reason keras-hub's own from_preset would rebuild a tied model untied and fail
+# to load the weights.
 def tie_embeddings_in_preset(preset_dir):
     """Mark the backbone in a keras-hub preset's config.json as having tied embeddings."""
     path = os.path.join(preset_dir, "config.json")

@@ -39,7 +39,7 @@ def model_config_from_keras_hub(backbone):
         hidden_dim=c["hidden_dim"], intermediate_dim=c["intermediate_dim"],
         rope_max_wavelength=float(c["rope_max_wavelength"]),
         layer_norm_epsilon=float(c["layer_norm_epsilon"]),
-        tie_word_embeddings=bool(backbone.tie_word_embeddings))  # not in get_config (0.32)
+        tie_word_embeddings=compat.tied_embeddings(backbone))
 
 
 def _new_run(mc, run_dir, fill, tokenizer):

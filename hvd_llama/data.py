@@ -65,8 +65,8 @@ def dataset(seqs, layout, seed, first_row, steps):
                         f"{seqs.seq_len + 1} tokens")
     shape = [layout.process_batch, seqs.seq_len + 1]
 
-    def ids_of(micro):  # micro-batches since first_row: an int64 tensor
-        return sequence_ids(layout.rows(first_row, 0, micro), seqs.n, seed)
+    def ids_of(m):  # micro-batches since first_row: an int64 tensor
+        return sequence_ids(layout.rows(first_row, 0, m), seqs.n, seed)
 
     def fetch(ids):
         return tf.ensure_shape(tf.numpy_function(seqs.fetch, [ids], tf.int32), shape)

@@ -201,7 +201,7 @@ def DistributedOptimizer(optimizer, compression="none", op="average"):
 
     Use it as `model.compile(optimizer=DistributedOptimizer(keras.optimizers.AdamW(...)))`
     or call `apply(grads, variables)` from a custom train step. Accumulate micro-batches before
-    `apply` (as trainer.py does): Keras's own gradient_accumulation_steps would allreduce every
+    `apply` (as step.py does): Keras's own gradient_accumulation_steps would allreduce every
     micro-batch and evaluates learning-rate schedules at the micro-batch count, so it is refused.
     """
     if op not in ("average", "sum"):

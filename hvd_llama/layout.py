@@ -56,12 +56,12 @@ class Layout:
     def tokens_per_step(self):
         return self.global_batch * self.seq_len
 
-    def rows(self, first_row, step, micro):
-        """This process's rows (d*b of them) at micro-batch `micro` of step `step` (relative to
+    def rows(self, first_row, step, m):
+        """This process's rows (d*b of them) at micro-batch m of step `step` (both counted from
         `first_row`). Works on ints and on int64 tensors alike."""
         import numpy as np
         per_micro = self.replicas * self.micro
-        start = first_row + (step * self.grad_accum + micro) * per_micro \
+        start = first_row + (step * self.grad_accum + m) * per_micro \
             + self.rank * self.process_batch
         return start + np.arange(self.process_batch)
 

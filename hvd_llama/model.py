@@ -1,6 +1,7 @@
 """The LLaMA model: keras-hub's LlamaBackbone under a LlamaCausalLM head, from ModelConfig.
 
-The model knows nothing about processes or devices; distributed.py and trainer.py apply those.
+The model knows nothing about processes or devices; replicas.py, distributed.py and step.py
+apply those.
 """
 
 import keras

@@ -97,6 +97,7 @@ def _on_chief(fn, *args):
 
 def _banner(c, r, world, peak_source):
     train = r.dataset.sequences("train", c.data.seq_len)
+    evaluates = c.train.eval_every and r.dataset.sequences("val", c.data.seq_len).n
     return [
         f"hvd_llama: {world['size']} process(es) on {len(world['hosts'])} host(s) "
         f"({', '.join(world['hosts'])}), controller {world['controller']}, tensor ops "
@@ -107,7 +108,7 @@ def _banner(c, r, world, peak_source):
         f"({peak_source})",
         f"data: {r.dataset.path}: {train.n:,} sequences "
         f"({c.train.steps * r.layout.global_batch / max(train.n, 1):.2f} epochs), "
-        f"{c.train.eval_batches if c.train.eval_every else 0} validation batch(es) of "
+        f"{c.train.eval_batches if evaluates else 0} validation batch(es) of "
         f"{r.layout.global_batch}; this run: steps {r.start + 1}..{c.train.steps}"]
 
 
@@ -141,7 +142,8 @@ def loop(c, r):
             val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
             t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
         if step % c.train.log_every == 0 or last_step or val_loss is not None:
-            seconds_per_step = (time.perf_counter() - t_log) / steps_since_log
+            now = time.perf_counter()
+            seconds_per_step = (now - t_log) / steps_since_log
             record = _record(c, step, float(dist.allreduce_mean(loss)), learning_rate,
                              grad_norm, skipped, seconds_per_step, layout.tokens_per_step,
                              flops_per_step / (r.peak * 1e12 * dist.size()) if r.peak else 0.0)
@@ -151,7 +153,7 @@ def loop(c, r):
                 record.update(val_loss=val_loss, val_perplexity=_perplexity(val_loss))
             metrics.write(record)
             last = {"step": step, "loss": record["loss"]}
-            t_log, steps_since_log = time.perf_counter(), 0
+            t_log, steps_since_log = now, 0
         if step % c.train.checkpoint_every == 0 or last_step:
             checkpoint.save(c, step, r.rows, r.model, optimizer)
     metrics.close()

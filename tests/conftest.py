@@ -17,7 +17,7 @@ MICRO = os.path.join(REPO, "configs", "micro.yaml")  # for tests of equivalence 
 WORKER = os.path.join(REPO, "tests", "mp_worker.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 CONTROLLERS = ["gloo", "mpi"]
-STEPS = 5  # of the equivalence runs: all inside tiny's warmup, so train.steps may differ
+STEPS = 5  # of the equivalence runs: all inside micro's warmup, so train.steps may differ
 # The single-process runs must not think they were launched.
 ENV = {**plain_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 
@@ -113,7 +113,8 @@ def train_args(out, cache_dir, *overrides, steps=STEPS):
 
 @pytest.fixture(scope="session")
 def one_process(tmp_path_factory, cache_dir):
-    """The reference: 1 process x batch 8, with checkpoints at steps 2, 4 and 5."""
+    """The reference: 1 process x batch 8, no XLA, with checkpoints at steps 2, 4 and 5."""
     out = str(tmp_path_factory.mktemp("np1"))
-    run([sys.executable, *train_args(out, cache_dir, "train.checkpoint_every=2")])
+    run([sys.executable, *train_args(out, cache_dir, "train.checkpoint_every=2",
+                                     "train.jit_compile=false")])
     return out

@@ -39,9 +39,10 @@ def train(out, overrides):
 
 
 def data(out, path):
-    from hvd_llama import data as data_lib, distributed as dist, shards
+    from hvd_llama import data as data_lib, distributed as dist, replicas, shards
     from hvd_llama.layout import Layout
     dist.init()
+    replicas.setup(None, dist.local_rank(), dist.local_size())
     seqs = shards.Prepared(path).sequences("train", 16)
     batches = data_lib.dataset(seqs, Layout(dist.size(), 1, dist.rank(), 1, 2, 16), seed=5,
                                first_row=0, steps=8)
@@ -51,8 +52,9 @@ def data(out, path):
 def collectives(out):
     import keras
     import tensorflow as tf
-    from hvd_llama import config, distributed as dist, model as model_lib
+    from hvd_llama import config, distributed as dist, model as model_lib, replicas
     dist.init()
+    replicas.setup(None, dist.local_rank(), dist.local_size())
     r = dist.rank()
     cfg = config.load(None, ["model.vocab_size=64", "model.num_layers=1", "model.hidden_dim=16",
                              "model.intermediate_dim=24", "model.num_query_heads=2",

@@ -191,6 +191,8 @@ def test_keras_hub_still_leaves_tie_word_embeddings_out_of_a_preset(tmp_path):
         saved = json.load(f)
     assert saved["config"]["vocabulary_size"] == 64
     assert "tie_word_embeddings" not in saved["config"]
+    assert "tie_word_embeddings" not in backbone.get_config()  # hence compat.tied_embeddings
+    assert compat.tied_embeddings(backbone)
     compat.tie_embeddings_in_preset(str(tmp_path))
     loaded = keras_hub.models.LlamaBackbone.from_preset(str(tmp_path))
     assert loaded.tie_word_embeddings

@@ -165,7 +165,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(
 
 
 def test_xla_compiled_steps_match_the_plain_ones(one_process, tmp_path, cache_dir):
-    out = str(tmp_path)  # the reference runs without XLA (jit_compile auto, on a CPU)
+    out = str(tmp_path)  # the reference runs with train.jit_compile=false
     run([sys.executable, *train_args(out, cache_dir, "train.jit_compile=true")])
     np.testing.assert_allclose(losses(out), losses(one_process), rtol=1e-4)
 
