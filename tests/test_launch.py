@@ -61,6 +61,8 @@ def hostfile(tmp_path):
     ("horovodrun.sh", ["--gloo"], "gloo"), ("mpirun.sh", [], "mpi")])
 def test_launcher_trains_on_two_local_slots(launcher, options, controller, hostfile,
                                             tmp_path, cache_dir):
+    """mpirun.sh runs OpenMPI's plain mpirun (no horovodrun): Horovod finds the ranks through
+    MPI, and the same training command runs unchanged."""
     run_dir = tmp_path / "run"
     proc = sh(["bash", os.path.join("mpi", launcher), "--hostfile", hostfile, *options, MICRO,
                f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.steps=4",
@@ -73,6 +75,7 @@ def test_launcher_trains_on_two_local_slots(launcher, options, controller, hostf
     assert steps == [2, 4]
     assert "2 process(es) on 1 host(s)" in proc.stdout, proc.stdout[-3000:]
     assert f"controller {controller}" in proc.stdout
+    assert (run_dir / "checkpoints" / "step-00000004").is_dir()
     assert (run_dir / "saved_model" / "1" / "saved_model.pb").exists()
 
 

@@ -3,7 +3,6 @@
 Each fixture launches once and every rank writes what it saw; the tests read those files.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -115,17 +114,3 @@ def test_bad_run_dir_stops_every_rank_with_one_line(two_processes, tmp_path):
     for rank in (0, 1):
         errors = [line for line in ranks if f"error (rank {rank}): " in line]
         assert len(errors) == 1 and "model.hidden_dim" in errors[0], ranks
-
-
-def test_plain_mpirun_runs_the_same_command(tmp_path, cache_dir):
-    """No horovodrun: OpenMPI's mpirun starts the ranks and Horovod finds them through MPI."""
-    env_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    run_dir = str(tmp_path / "run")
-    proc = run(["mpirun", *env_root, "-np", "2", "-bind-to", "none", "-map-by", "slot",
-                sys.executable, "-m", "hvd_llama.train", "--config", MICRO, f"run.dir={run_dir}",
-                f"data.cache_dir={cache_dir}", "train.steps=2", "train.log_every=1",
-                "train.checkpoint_every=2"])
-    assert "2 process(es) on 1 host(s)" in proc.stdout and "controller mpi" in proc.stdout
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2]
-    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step-00000002"))
