@@ -18,11 +18,12 @@ def refuse_existing(path, overwrite):
 
 class atomic_path:
     """`with atomic_path(final) as tmp:` write the file or directory `tmp`; it becomes `final`
-    only if the block succeeds. An existing `final` directory is replaced only then."""
+    only if the block succeeds. An existing `final` directory is replaced only then. `tag`
+    names `tmp` (default: this process's id), for several processes writing into one."""
 
-    def __init__(self, final):
+    def __init__(self, final, tag=None):
         self.final = final
-        self.tmp = f"{final}.partial-{os.getpid()}"
+        self.tmp = f"{final}.partial-{tag or os.getpid()}"
 
     def __enter__(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)

@@ -95,7 +95,7 @@ def run_step(c, args):
     single = args.single or (measure_single(args, n) if args.measure_single else 0.0)
 
     start_rss = rss_gib()  # TensorFlow loaded, nothing built
-    model, optimizer, jit = step_lib.build(c)
+    model, optimizer, jit = step_lib.build(c, layout)
     dist.barrier()  # every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops, d)
     peak = float(dist.allreduce_mean(peak))

@@ -1,12 +1,22 @@
-"""Checkpoints: written by rank 0 alone and atomically, read by rank 0 (the trainer broadcasts).
+"""Checkpoints: every process writes its share of the state, all atomically together.
 
-    <run.dir>/checkpoints/step-00000050/ckpt.index, ckpt.data-*, meta.json
+    <run.dir>/checkpoints/step-00000050/state.index, state.data-*-of-*, meta.json
 
-A checkpoint directory appears only by renaming a finished one into place, so a crash mid-save
-leaves the previous checkpoint as the latest good one. meta.json records the step, the data
-position (global rows consumed) and the model config that the weights belong to.
+The state is one TensorFlow tensor bundle of named whole tensors: `model/<variable path>` for
+the weights, `optimizer/m/<path>` and `optimizer/v/<path>` for AdamW's moments, and the
+optimizer's counters. Process r writes the rows Layout.share gives it of every tensor (rank 0
+alone the scalars), whatever it holds: all of them (dist.zero=0) or just that share (ZeRO), so
+nothing is gathered and the processes write in parallel. Rank 0 then merges the N bundles'
+indexes into one. A reader asks for any rows of any tensor by name, which is what lets a
+checkpoint written by N processes at one ZeRO stage resume on M processes at another.
+
+The processes write into `step-*.partial-ranks` and rank 0 renames it into place once every
+one has finished, so a crash mid-save (of any process) leaves the previous checkpoint as the
+latest complete one. meta.json records the step, the data position (global rows consumed),
+the model config the weights belong to, the layout that wrote it and every file's size.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,12 +24,13 @@ import re
 
 import tensorflow as tf
 
-from hvd_llama import distributed as dist
+from hvd_llama import compat, distributed as dist, optim
 from hvd_llama.atomic import atomic_path, remove
 from hvd_llama.errors import UserError, read_json
 
 KEEP = 3  # most recent checkpoints kept on disk
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE = "state"  # the bundle's prefix inside a checkpoint directory
 
 
 def directory(run_dir):
@@ -46,6 +57,7 @@ def resume_point(config):
         raise UserError(f"run.dir {config.run.dir} already holds checkpoints ({path}); pass "
                         "train.resume=true to continue it, or choose another run.dir")
     meta = read_meta(path)
+    check_files(path, meta)
     want = dataclasses.asdict(config.model)
     have = meta.get("model") or {}
     diff = [f"model.{k} (checkpoint {have.get(k)}, config {v})"
@@ -72,8 +84,9 @@ def load_latest(run_dir):
     path = latest(run_dir)
     if path is None:
         raise UserError(f"{directory(run_dir)}: no checkpoint")
+    check_files(path, read_meta(path))
     model = model_lib.build(cfg.model, seed=0)
-    tf.train.Checkpoint(model=model).read(os.path.join(path, "ckpt")).expect_partial()
+    _read(path, _entries(model))
     return cfg, model, path
 
 
@@ -82,44 +95,129 @@ def read_meta(path):
     meta = read_json(meta_path, "checkpoint metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise UserError(f"{meta_path}: checkpoint metadata lacks an integer 'step'")
+    if not isinstance(meta.get("files"), dict):
+        raise UserError(f"{meta_path}: no 'files' list: not a checkpoint of this hvd_llama "
+                        "version (written before checkpoints were sharded)")
     return meta
 
 
+def check_files(path, meta):
+    """A UserError naming the first of the checkpoint's files that is missing or not the size
+    it was written at; before anything is read."""
+    for name, size in sorted(meta["files"].items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UserError(f"{file}: checkpoint file missing")
+        if os.path.getsize(file) != size:
+            raise UserError(f"{file}: checkpoint file is {os.path.getsize(file)} bytes, "
+                            f"{size} were written (truncated or changed)")
+
+
 def restore(meta, model, optimizer):
-    """Load the checkpoint `meta` names (None: nothing to load) on rank 0; the trainer then
-    broadcasts rank 0's weights and optimizer state. The optimizer must be built (its variables
-    must exist) before this is called."""
-    if meta is not None and dist.is_chief():
-        prefix = os.path.join(meta["path"], "ckpt")
-        try:
-            if meta.get("weights_only"):
-                tf.train.Checkpoint(model=model).read(prefix).assert_existing_objects_matched()
-            else:
-                tf.train.Checkpoint(model=model, optimizer=optimizer).read(prefix)\
-                    .assert_consumed()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            raise UserError(f"{meta['path']}: cannot restore checkpoint "
-                            f"({str(e).splitlines()[0]})") from e
-
-
-def save(config, step, rows, model, optimizer=None):
-    """Rank 0 writes checkpoint `step` (rows = global sequences consumed so far). Without an
-    optimizer it holds the weights alone (an import): training resumes them with a fresh
-    optimizer."""
-    if not dist.is_chief():
+    """Every process loads its part of the checkpoint `meta` names (None: nothing to load):
+    the full weights, and the optimizer state it holds (all of it, or its ZeRO share),
+    whatever layout wrote it. The optimizer must be built (its variables must exist)."""
+    if meta is None:
         return
+    entries = _entries(model, None if meta.get("weights_only") else optimizer)
+    try:
+        _read(meta["path"], entries)
+    except tf.errors.OpError as e:
+        raise UserError(f"{meta['path']}: cannot restore checkpoint "
+                        f"({str(e).splitlines()[0]})") from e
+
+
+def save(config, layout, step, rows, model, optimizer=None):
+    """Every process writes its share of checkpoint `step` (rows = global sequences consumed
+    so far); a collective. Without an optimizer it holds the weights alone (an import):
+    training resumes them with a fresh optimizer."""
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
-    objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
-    with atomic_path(final) as tmp:
-        os.makedirs(tmp)
-        tf.train.Checkpoint(**objects).write(os.path.join(tmp, "ckpt"))
-        meta = {"step": step, "rows": rows, "seq_len": config.data.seq_len,
-                "precision": config.train.precision, "weights_only": optimizer is None,
-                "model": dataclasses.asdict(config.model)}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-    for old in sorted(_steps(config.run.dir))[:-KEEP]:
-        remove(os.path.join(directory(config.run.dir), f"step-{old:08d}"))
+    saving = atomic_path(final, tag="ranks")  # one directory for every process
+    with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp:
+        if dist.is_chief():
+            remove(tmp)  # a crashed save's leftover
+            os.makedirs(tmp)
+        dist.barrier()
+        _write(os.path.join(tmp, f"rank-{layout.rank:05d}"), _entries(model, optimizer), layout)
+        dist.barrier()
+        if dist.is_chief():
+            tf.raw_ops.MergeV2Checkpoints(
+                checkpoint_prefixes=[os.path.join(tmp, f"rank-{r:05d}")
+                                     for r in range(layout.processes)],
+                destination_prefix=os.path.join(tmp, STATE), delete_old_dirs=False)
+            meta = {"step": step, "rows": rows, "seq_len": config.data.seq_len,
+                    "precision": config.train.precision, "weights_only": optimizer is None,
+                    "model": dataclasses.asdict(config.model),
+                    "layout": {"processes": layout.processes, "zero": layout.zero},
+                    "files": {n: os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp)}}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+    if dist.is_chief():
+        for old in sorted(_steps(config.run.dir))[:-KEEP]:
+            remove(os.path.join(directory(config.run.dir), f"step-{old:08d}"))
+
+
+def _entries(model, optimizer=None):
+    """[(name, variable, its first row in the named tensor, the tensor's full shape)] of what a
+    checkpoint holds: the weights, and the optimizer's moments and counters."""
+    entries = [(f"model/{v.path}", v, 0, v.shape) for v in model.variables]
+    if optimizer is None:
+        return entries
+    variables = model.trainable_variables
+    # ZeRO's ShardedOptimizer holds rows from `starts` on; stage 0's optimizer all of them.
+    inner, starts = (optimizer.inner, optimizer.starts) if hasattr(optimizer, "starts") \
+        else (optimizer, [0] * len(variables))
+    adamw = optim.adamw(inner)
+    for v, start, (m, s) in zip(variables, starts, compat.adam_moments(adamw)):
+        entries += [(f"optimizer/m/{v.path}", m, start, v.shape),
+                    (f"optimizer/v/{v.path}", s, start, v.shape)]
+    entries.append(("optimizer/iterations", adamw.iterations, 0, ()))
+    if inner is not adamw:  # float16's loss scale
+        entries += [("optimizer/loss_scale", inner.dynamic_scale, 0, ()),
+                    ("optimizer/loss_scale_steps", inner.step_counter, 0, ())]
+    return entries
+
+
+def _rows_spec(shape, start, stop):
+    """SaveV2/RestoreV2's name for rows [start, stop) of a tensor of `shape`."""
+    dims = " ".join(str(d) for d in shape)
+    return f"{dims} {start},{stop - start}" + ":-" * (len(shape) - 1)
+
+
+def _write(prefix, entries, layout):
+    """This process's rows (Layout.share) of every entry; rank 0 also the scalars."""
+    names, specs, tensors = [], [], []
+    for name, variable, first, shape in entries:
+        if not shape:
+            if layout.rank == 0:
+                names.append(name), specs.append(""), tensors.append(tf.convert_to_tensor(variable))
+            continue
+        a, b = layout.share(shape[0])
+        if b > a:  # a tensor of fewer rows than processes leaves some with none
+            names.append(name), specs.append(_rows_spec(shape, a, b))
+            tensors.append(tf.convert_to_tensor(variable)[a - first:b - first])
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=specs,
+                      tensors=tensors)
+
+
+def _read(path, entries):
+    """Load each entry's rows from the bundle at `path`, after checking that all of them are
+    there with the right shapes, so that a mismatch changes nothing."""
+    prefix = os.path.join(path, STATE)
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    for name, variable, first, shape in entries:
+        if shapes.get(name) != list(shape):
+            raise UserError(f"{path}: checkpoint has {name} of shape {shapes.get(name)}, the "
+                            f"model wants {list(shape)}")
+    for name, variable, first, shape in entries:
+        rows = variable.shape[0] if shape else 0
+        if shape and not rows:
+            continue
+        spec = _rows_spec(shape, first, first + rows) if shape else ""
+        value = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name],
+                                     shape_and_slices=[spec],
+                                     dtypes=[tf.as_dtype(variable.dtype)])[0]
+        variable.assign(value)
 
 
 def _steps(run_dir):

@@ -7,6 +7,9 @@ the upstream behaviour it relies on, which fails when that behaviour changes.
 Hooks (the function here: who calls it, and what it relies on)
 - subclass_in_place: distributed.DistributedOptimizer. An optimizer's class becomes a subclass
   of itself, so Keras 3's single gradient entry, `apply`, is wrapped with no rebuild.
+- adam_moments: checkpoint (saving and restoring AdamW's moments by the name of their
+  variable). Keras 3's Adam keeps them in the private lists `_momentums` and `_velocities`,
+  in the order of the variables it was built with.
 - tf_variables: distributed.broadcast_variables. Keras 3 keeps a variable's state in the
   tf.Variable at `.value`; Horovod's ops take only tf.Variables.
 - recompute_in_backward: model.build (train.remat). A decoder block's `call` replaced on the
@@ -43,6 +46,13 @@ def subclass_in_place(obj, mixin, prefix):
     base = type(obj)
     obj.__class__ = type(f"{prefix}{base.__name__}", (mixin, base), {})
     return obj
+
+
+# Keras 3.15's Adam/AdamW: build() fills _momentums and _velocities, one per variable, in the
+# order of the list it was built with; they have no public accessor but optimizer.variables.
+def adam_moments(optimizer):
+    """[(first moment, second moment)] of a built Keras Adam/AdamW, in its variables' order."""
+    return list(zip(optimizer._momentums, optimizer._velocities))
 
 
 # Keras 3 on TensorFlow keeps a variable's state in a tf.Variable at `.value` (a

@@ -83,6 +83,10 @@ class DistConfig:
     # (hybrid: its share of the host's), or without GPUs its logical CPUs (below).
     devices: str = ""
     logical_cpus: int = 0  # mirrored/hybrid: split the CPU into N devices (tests, CPU hosts)
+    # ZeRO (sharded data parallelism) over the Horovod processes: 0 = each holds all optimizer
+    # state; 1 = each holds the AdamW moments of its 1/N share of every tensor's rows (gradients
+    # reduce-scattered, updated shares all-gathered); 2 = the accumulated gradients too.
+    zero: int = 0
     # Horovod's knobs, exported as its HOROVOD_* variables before it starts (they win over
     # horovodrun's flags). Defaults are Horovod's own.
     compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
@@ -235,6 +239,11 @@ def validate(c):
             if getattr(c.dist, key):
                 raise UserError(f"'dist.{key}' is for dist.strategy=mirrored or hybrid (one "
                                 "process over several devices); dist.strategy is horovod")
+    if c.dist.zero not in (0, 1, 2):
+        raise UserError(f"'dist.zero' must be 0, 1 or 2; got {c.dist.zero}")
+    if c.dist.zero and c.dist.strategy == "mirrored":
+        raise UserError("'dist.zero' shards across Horovod processes, and dist.strategy=mirrored "
+                        "runs one: use dist.zero=0, or dist.strategy=horovod or hybrid")
     Layout.of(c)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")

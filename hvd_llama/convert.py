@@ -46,6 +46,7 @@ def _new_run(mc, run_dir, fill, tokenizer):
     """Write RUN_DIR: config.yaml, the weights-only checkpoint step 0, tokenizer.model."""
     import dataclasses
     from hvd_llama import checkpoint, config as config_lib, model as model_lib
+    from hvd_llama.layout import Layout
     model = model_lib.build(mc, seed=0)
     fill(model)
     with atomic_path(run_dir) as tmp:
@@ -57,7 +58,7 @@ def _new_run(mc, run_dir, fill, tokenizer):
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(config_lib.to_yaml(cfg))
         checkpoint.save(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=tmp)),
-                        0, 0, model)
+                        Layout.of(cfg), 0, 0, model)
         _copy_if_present(tokenizer, os.path.join(tmp, "tokenizer.model"))
     return run_dir
 

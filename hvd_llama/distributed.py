@@ -122,8 +122,38 @@ def allreduce_gradients(grads, op="average", compression="none"):
     return _hvd.grouped_allreduce(
         list(grads),
         op=_hvd.Average if op == "average" else _hvd.Sum,
-        compression=_hvd.Compression.fp16 if compression == "fp16" else _hvd.Compression.none,
+        compression=_compression(compression),
     )
+
+
+def _compression(name):
+    return _hvd.Compression.fp16 if name == "fp16" else _hvd.Compression.none
+
+
+def reducescatter_gradients(grads, compression="none"):
+    """This process's share (Layout.share's rows) of each gradient averaged over all processes.
+    One reduce-scatter per tensor, not a group: each starts as soon as its gradient exists, so
+    the backward pass can free a full gradient while it computes the next (Horovod still fuses
+    the tensors that are ready together)."""
+    if _hvd is None or size() == 1:
+        return list(grads)
+    return [_hvd.reducescatter(g, op=_hvd.Average, compression=_compression(compression))
+            for g in grads]
+
+
+def allgather_shares(shares):
+    """Each tensor's shares from every process, joined along the first dimension in rank
+    order: the whole tensor, on every process."""
+    if _hvd is None or size() == 1:
+        return [tf.convert_to_tensor(s) for s in shares]
+    return _hvd.grouped_allgather([tf.convert_to_tensor(s) for s in shares])
+
+
+def allreduce_sum(tensor):
+    """The sum over all processes of a tensor (inside a tf.function too)."""
+    if _hvd is None or size() == 1:
+        return tensor
+    return _hvd.allreduce(tensor, op=_hvd.Sum)
 
 
 def allreduce_mean(value):

@@ -26,6 +26,7 @@ class Layout:
     grad_accum: int  # k: micro-batches per optimizer step
     micro: int  # b: sequences per replica per micro-batch
     seq_len: int  # tokens per sequence (each row holds seq_len + 1: inputs, then targets)
+    zero: int = 0  # dist.zero: 0 every process holds all optimizer state; 1, 2 its share
 
     @classmethod
     def of(cls, c, processes=1, devices=1, rank=0):
@@ -37,7 +38,7 @@ class Layout:
                             f"{processes * devices} replica(s) x train.grad_accum "
                             f"{c.train.grad_accum}")
         return cls(processes, devices, rank, c.train.grad_accum,
-                   c.train.global_batch // parts, c.data.seq_len)
+                   c.train.global_batch // parts, c.data.seq_len, c.dist.zero)
 
     @property
     def replicas(self):
@@ -68,6 +69,15 @@ class Layout:
     def position(self, first_row, steps):
         """The first row after `steps` optimizer steps from `first_row` (a checkpoint's)."""
         return first_row + steps * self.global_batch
+
+    def share(self, dim0, rank=None):
+        """(start, stop): the rows of a [dim0, ...] tensor that process `rank` (default: this
+        one) owns under ZeRO. Horovod's reduce-scatter splits the same way: the first
+        dim0 % processes ranks get one row more."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(dim0, self.processes)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
 
     def replica_rows(self, batch, replica):
         """Replica `replica`'s [k, b, ...] of this process's [k, d*b, ...] micro-batches."""

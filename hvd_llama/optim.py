@@ -39,10 +39,11 @@ def schedule(tc):
     return WarmupCosine(tc.learning_rate, tc.warmup_steps, tc.steps)
 
 
-def build(tc, lr_schedule, variables):
+def build(tc, lr_schedule, variables, like=None):
     """The paper's AdamW (beta2 0.95) for TrainConfig `tc` over `variables`, before Horovod
     wraps it. Norm scales and embeddings are left undecayed unless
-    train.decay_norms_and_embeddings is set."""
+    train.decay_norms_and_embeddings is set. `like`: the model variables that `variables`
+    hold shares of (ZeRO), which decide that; default `variables` themselves."""
     optimizer = keras.optimizers.AdamW(
         learning_rate=lr_schedule,
         beta_1=0.9,
@@ -53,9 +54,16 @@ def build(tc, lr_schedule, variables):
     )
     if not tc.decay_norms_and_embeddings:
         optimizer.exclude_from_weight_decay(
-            var_list=[v for v in variables if not decays_by_default(v)])
+            var_list=[v for v, m in zip(variables, like or variables) if not decays_by_default(m)])
     if tc.precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def adamw(optimizer):
+    """The AdamW of an optimizer from build(): itself, or the one a loss scale wraps."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
     return optimizer
 
 

@@ -1,23 +1,31 @@
-"""What a run will cost, from the config alone: no weights are built (a 7B model does not fit a
-laptop). `python -m hvd_llama.train --config X --dry-run` prints this; training prints it at
-start and refuses a run whose memory estimate exceeds what the host has.
+"""What a run will cost in memory, from the config alone: no weights are built (a 7B model does
+not fit a laptop). `python -m hvd_llama.train --config X --dry-run` prints this for each ZeRO
+stage (then traffic.py's bytes and step time); training prints it at start and refuses a run
+whose estimate exceeds what the host or the GPU has, naming a stage and micro-batch that fit.
 """
 
+import dataclasses
 import os
 
+from hvd_llama import hardware
 from hvd_llama.errors import UserError
 
 GIB = 1 << 30
+STAGES = (0, 1, 2)  # dist.zero
+
+
+def _block_params(mc):
+    """Parameters of one decoder block."""
+    d, head_dim = mc.hidden_dim, mc.hidden_dim // mc.num_query_heads
+    attention = 2 * d * d + 2 * d * head_dim * mc.num_key_value_heads  # q, o; k, v
+    mlp = 3 * d * mc.intermediate_dim  # SwiGLU: gate, up, down
+    return attention + mlp + 2 * d  # + two RMSNorm scales
 
 
 def param_count(mc):
     """Exact parameter count of keras-hub's LlamaCausalLM."""
-    d, head_dim = mc.hidden_dim, mc.hidden_dim // mc.num_query_heads
-    attention = 2 * d * d + 2 * d * head_dim * mc.num_key_value_heads  # q, o; k, v
-    mlp = 3 * d * mc.intermediate_dim  # SwiGLU: gate, up, down
-    block = attention + mlp + 2 * d  # + two RMSNorm scales
-    embeddings = (1 if mc.tie_word_embeddings else 2) * mc.vocab_size * d
-    return embeddings + mc.num_layers * block + d  # + the final RMSNorm
+    embeddings = (1 if mc.tie_word_embeddings else 2) * mc.vocab_size * mc.hidden_dim
+    return embeddings + mc.num_layers * _block_params(mc) + mc.hidden_dim  # + the final RMSNorm
 
 
 def flops_per_token(mc, seq_len):
@@ -30,52 +38,158 @@ def flops_per_token(mc, seq_len):
 
 def memory_per_replica(c, layout):
     """Estimated bytes per replica (one device; one process under dist.strategy=horovod) of
-    Layout `layout`: fp32 weights, gradients and AdamW's two moments (mixed
-    precision keeps float32 master weights and casts per op), plus activations.
+    Layout `layout` at its ZeRO stage (layout.zero), for n parameters over N = layout.processes
+    Horovod processes and k = layout.grad_accum micro-batches a step. All state is float32
+    (mixed precision keeps float32 weights and casts per op):
+      weights     4n; from stage 1 also a copy of this process's share (n/N), which the
+                  optimizer updates before the all-gather
+      gradients   stages 0-1: one micro-batch's 4n, and 4n more to accumulate into when k > 1;
+                  stage 2: the accumulated share 4n/N, and those not yet reduce-scattered
+      optimizer   AdamW's two moments, 8n; from stage 1 of the share only
+    Under dist.strategy hybrid and mirrored every device holds all of this (the process's
+    share of the optimizer state included): the figures are per device.
 
     Activations follow Korthikanti et al. (2022): s*b*d*(34 + 5*heads*s/d) bytes per layer at
     16 bits (doubled for float32) for one micro-batch, plus the float32 logits and their
     gradient. With train.remat only each block's input is kept, plus one block recomputed."""
-    mc, s = c.model, c.data.seq_len
-    b = layout.micro
+    mc, s, b, zero = c.model, c.data.seq_len, layout.micro, layout.zero
     n = param_count(mc)
+    share = -(-n // layout.processes)  # the first ranks hold a row more of some tensors
+    if zero == 2:
+        gradients = 4 * share + _gradients_in_flight(c)
+    else:
+        gradients = 4 * n * (2 if layout.grad_accum > 1 else 1)
     width = 4 if c.train.precision == "float32" else 2
     block = s * b * mc.hidden_dim * (34 + 5 * mc.num_query_heads * s / mc.hidden_dim) * width / 2
     blocks = (mc.num_layers * s * b * mc.hidden_dim * width + block) if c.train.remat \
         else mc.num_layers * block
     logits = 2 * b * s * mc.vocab_size * 4
-    return {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n,
-            "activations": int(blocks + logits)}
+    return {"weights": 4 * n + (4 * share if zero else 0), "gradients": gradients,
+            "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
+
+
+def _gradients_in_flight(c):
+    """Bytes of stage 2's gradients alive before their reduce-scatter. A compiled backward pass
+    (train.jit_compile=true; "auto" compiles nothing at stage 2) returns a micro-batch's whole
+    gradient at once. Uncompiled, each block's is reduce-scattered as soon as the backward pass
+    has it, so count two in flight (one reducing while the next is computed), each as large as
+    a block's plus an embedding matrix's (the largest tensor) whichever it is."""
+    mc = c.model
+    if c.train.jit_compile == "true":
+        return 4 * param_count(mc)
+    return 2 * 4 * (_block_params(mc) + mc.vocab_size * mc.hidden_dim)
+
+
+def _total(c, layout):
+    return sum(memory_per_replica(c, layout).values())
+
+
+def _alternatives(c, layout):
+    """Layouts in the order a user would try them: this micro-batch at dist.zero=0, 1, 2; then
+    stage 2 at smaller micro-batches (a larger train.grad_accum, dividing the sequences each
+    replica reads a step); then the same on each power-of-two process count above this one
+    (starting at the smallest train.grad_accum from this one up that divides), down to one
+    sequence a replica. dist.strategy=mirrored runs one process and no ZeRO, so there only the
+    micro-batch changes."""
+    sharded = c.dist.strategy != "mirrored"
+    top = STAGES[-1] if sharded else 0
+    processes = layout.processes
+    while layout.global_batch % (processes * layout.devices) == 0:
+        per_replica = layout.global_batch // (processes * layout.devices)
+        at = [dataclasses.replace(layout, processes=processes, zero=top, grad_accum=k,
+                                  micro=per_replica // k)
+              for k in range(min(layout.grad_accum, per_replica), per_replica + 1)
+              if per_replica % k == 0]
+        yield from (dataclasses.replace(at[0], zero=zero) for zero in range(top))
+        yield from at
+        if not sharded:
+            return
+        processes = 1 << processes.bit_length()  # the next power of two
+
+
+def what_fits(c, layout, capacity):
+    """(layout, words): the first of _alternatives(c, layout) whose estimate fits `capacity`
+    bytes per device (None if none does), and that said as a change to the run. The dry run
+    and check_fits both print the words."""
+    found = next((x for x in _alternatives(c, layout) if _total(c, x) <= capacity), None)
+    if found is None:
+        weights = 4 * param_count(c.model)
+        if weights > capacity:
+            return None, (f"nothing fits, as the float32 weights alone are "
+                          f"{weights / GIB:.1f} GiB (ZeRO stages 1-2 shard only gradients and "
+                          "optimizer state)")
+        if c.dist.strategy == "mirrored":
+            return None, "no micro-batch fits (dist.strategy=mirrored: one process, no ZeRO)"
+        return None, "no ZeRO stage, micro-batch or power-of-two process count fits"
+    settings = (f"dist.zero={found.zero} with train.grad_accum={found.grad_accum} "
+                f"(micro-batch {found.micro})")
+    if found.processes != layout.processes:
+        return found, (f"no stage fits on {layout.processes} process(es) at any micro-batch; "
+                       f"{found.processes} processes at {settings} do")
+    if found.micro != layout.micro:
+        return found, f"no stage fits at micro-batch {layout.micro}; {settings} does"
+    return found, f"dist.zero={found.zero} fits"
+
+
+def fit_line(c, layout, gpu="", device_gib=0.0):
+    """The dry run's fit verdict for `device_gib` GiB per device, else for GPU `gpu` (a key of
+    hardware.GPUS)."""
+    gib = device_gib or (gpu and hardware.GPUS[gpu].memory_gib)
+    if not gib:
+        return "fit: unknown without --gpu or --device-memory"
+    found, words = what_fits(c, layout, gib * GIB)
+    total = f" ({_total(c, found) / GIB:.1f} GiB)" if found else ""
+    return (f"fit in {gib:g} GiB per device ({'--device-memory' if device_gib else gpu}): "
+            f"{words}{total}")
 
 
 def describe(c, layout):
-    """The dry-run figures as printable lines, for Layout `layout`."""
+    """The figures of Layout `layout` as printable lines: the startup banner's, and the head
+    of the dry run. Memory is shown for every ZeRO stage, the run's marked."""
     n = param_count(c.model)
     tokens_per_step = layout.tokens_per_step
-    mem = memory_per_replica(c, layout)
     flops = flops_per_token(c.model, c.data.seq_len)
-    return [
+    columns = {name: max(len(name), 7) + 2 for name in  # name: width
+               ("weights", "gradients", "optimizer", "activations", "total")}
+    lines = [
         f"parameters: {n:,} ({n / 1e9:.2f}B)" if n >= 1e9 else
         f"parameters: {n:,} ({n / 1e6:.1f}M)",
         f"training FLOPs per token: {flops / 1e9:.2f} GFLOP "
         f"({flops * tokens_per_step / 1e15:.2f} PFLOP per step)",
         layout.describe(),
-        f"memory per {'device' if layout.devices > 1 else 'process'} ({c.train.precision}"
-        f"{', remat' if c.train.remat else ''}): "
-        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items())
-        + f"; total {sum(mem.values()) / GIB:.2f} GiB",
         f"run: {c.train.steps:,} steps = {c.train.steps * tokens_per_step:,} tokens",
-    ]
+        f"memory per {'device' if layout.devices > 1 else 'process'}, GiB ({c.train.precision}"
+        f"{', remat' if c.train.remat else ''}):",
+        " " * 13 + "".join(f"{name:>{width}}" for name, width in columns.items())]
+    for zero in STAGES:
+        mem = memory_per_replica(c, dataclasses.replace(layout, zero=zero))
+        figures = [*mem.values(), sum(mem.values())]
+        lines.append(f"  dist.zero={zero}" + "".join(
+            f"{v / GIB:{width}.2f}" for width, v in zip(columns.values(), figures))
+            + ("  <- this run" if zero == layout.zero else ""))
+    return lines
 
 
-def check_fits(c, layout, local_replicas):
-    """Refuse, before any weight exists, a CPU run whose estimate for this host's replicas
-    (each a copy of the weights, even as logical CPU devices) exceeds its free memory (a GPU's
-    limit is the GPU's, which TF reports only once allocated)."""
-    need = sum(memory_per_replica(c, layout).values()) * local_replicas
+def check_fits(c, layout, local_replicas, gpu=""):
+    """Refuse, before any weight exists, a run whose estimate exceeds its memory. On a GPU
+    (`gpu`: TensorFlow's name for this process's, e.g. "NVIDIA H100 80GB HBM3") that is the
+    memory hardware.GPUS lists for it (an unlisted GPU is not checked), and the refusal names
+    what would fit. On a CPU host (gpu "") it is the free memory, for this host's
+    `local_replicas` replicas (each a copy of the weights, even as logical CPU devices)."""
+    need = _total(c, layout)
+    run = (f"a {param_count(c.model) / 1e9:.1f}B-parameter model at dist.zero={layout.zero}, "
+           f"micro-batch {layout.micro}, data.seq_len={c.data.seq_len}")
+    if gpu:
+        known = hardware.gpu_model(gpu)
+        capacity = known and hardware.GPUS[known].memory_gib * GIB
+        if capacity and need > capacity:
+            _, words = what_fits(c, layout, capacity)
+            raise UserError(f"{run} needs about {need / GIB:.1f} GiB per GPU, but {known} "
+                            f"GPUs have {capacity / GIB:g} GiB: {words} (see --dry-run)")
+        return
+    need *= local_replicas
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > free:
-        raise UserError(f"a {param_count(c.model) / 1e9:.1f}B-parameter model at "
-                        f"micro-batch {layout.micro}, data.seq_len={c.data.seq_len} "
-                        f"needs about {need / GIB:.1f} GiB for {local_replicas} replica(s) on "
-                        f"this host (see --dry-run) but it has {free / GIB:.1f} GiB free")
+        raise UserError(f"{run} needs about {need / GIB:.1f} GiB for {local_replicas} "
+                        f"replica(s) on this host (see --dry-run) but it has {free / GIB:.1f} "
+                        "GiB free")

@@ -4,13 +4,15 @@ Distributed touchpoints: the model and optimizer are built under dist.strategy's
 strategy (replicas.py: a copy per device under mirrored/hybrid), whose replicas' gradients are
 averaged inside the process; the optimizer is wrapped so that gradients are averaged between
 processes by Horovod allreduce (inside `optimizer.apply`, once per optimizer step, after the
-micro-batches are accumulated). trainer.py runs the steps.
+micro-batches are accumulated). Under dist.zero 1 and 2 the optimizer is zero.py's instead
+(reduce-scatter, update of this process's share, all-gather), and stage 2 reduce-scatters each
+micro-batch's gradients as they come. trainer.py runs the steps.
 """
 
 import keras
 import tensorflow as tf
 
-from hvd_llama import distributed as dist, model as model_lib, optim, replicas
+from hvd_llama import distributed as dist, model as model_lib, optim, replicas, zero
 
 
 def token_loss(model, tokens, training):
@@ -73,29 +75,38 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     ops never need an XLA lowering, and outside the strategy's scope (replicas.py). Returns
     (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
     variables = model.trainable_variables
-    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # float16
+    scaled = hasattr(optimizer, "dynamic_scale")  # float16
     gradients = make_gradients(model, layout, jit_compile)
+    if layout.zero == 2:
+        gradients = zero.share_gradients(gradients, variables, layout, optimizer.compression)
 
     @tf.function
     def train_step(micro_batches):
         scale = tf.convert_to_tensor(optimizer.dynamic_scale) if scaled else tf.constant(1.0)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
         loss, grads = gradients(micro_batches, scale)
-        norm = optimizer.apply(grads, variables)  # allreduce, clip, update (or skip)
+        norm = optimizer.apply(grads, variables)  # allreduce (or ZeRO's), clip, update (or skip)
         return loss, norm / scale, learning_rate
 
     return train_step
 
 
-def build(c):
-    """(model, its DistributedOptimizer, whether the gradients run under XLA) for Config c."""
+def build(c, layout):
+    """(model, its optimizer, whether the gradients run under XLA) for Config c: the
+    DistributedOptimizer of stage 0 or ZeRO's ShardedOptimizer, over Layout `layout`."""
     with replicas.strategy().scope():  # mirrored/hybrid: a copy of every variable per device
         model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
-        optimizer = dist.DistributedOptimizer(
-            optim.build(c.train, optim.schedule(c.train), model.trainable_variables),
-            compression=c.dist.compression)
-        optimizer.build(model.trainable_variables)  # its variables exist before a restore
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        variables = model.trainable_variables
+        if layout.zero:
+            optimizer = zero.ShardedOptimizer(c.train, variables, layout, c.dist.compression)
+        else:
+            optimizer = dist.DistributedOptimizer(
+                optim.build(c.train, optim.schedule(c.train), variables),
+                compression=c.dist.compression)
+            optimizer.build(variables)  # its variables exist before a restore
+    # "auto" leaves XLA off under stage 2: a compiled function hands back all of a micro-batch's
+    # gradients at once, where uncompiled each can be reduce-scattered and freed in turn.
+    on_gpu = bool(tf.config.list_physical_devices("GPU")) and layout.zero != 2
     jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
     return model, optimizer, jit
 

@@ -10,7 +10,7 @@ The same command runs as one plain process, under horovodrun (Gloo or MPI) and u
 import argparse
 import sys
 
-from hvd_llama import cli
+from hvd_llama import cli, hardware
 
 
 def main(argv=None):
@@ -18,22 +18,32 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: built-in defaults)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print parameters, FLOPs, batch, memory and tokens; build nothing")
+                        help="print parameters, FLOPs, batch, tokens, and per ZeRO stage the "
+                             "memory, bytes sent and step time; build nothing")
     parser.add_argument("--processes", type=int, default=1,
                         help="with --dry-run: the process count to plan for")
     parser.add_argument("--devices", type=int, default=1,
                         help="with --dry-run: devices per process (dist.strategy mirrored, "
                              "hybrid)")
+    parser.add_argument("--gpu", type=str.upper, choices=hardware.GPUS, default="",
+                        help="with --dry-run: the GPU to plan for (its datasheet peak and memory)")
+    parser.add_argument("--device-memory", type=float, default=0.0, metavar="GIB",
+                        help="with --dry-run: memory per device to fit in (default: the --gpu's)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="with --dry-run: the model FLOPs utilisation assumed for step time")
+    parser.add_argument("--bus-gbps", type=float, default=25.0,
+                        help="with --dry-run: bus bandwidth between processes in GB/s (NCCL's "
+                             "busbw) assumed for step time; 25 = one 200 Gb/s HDR InfiniBand "
+                             "link")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return cli.main(parser, _train, argv)
 
 
 def _train(args):
-    from hvd_llama import config, plan
-    from hvd_llama.layout import Layout
+    from hvd_llama import config
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
-        print("\n".join(plan.describe(cfg, Layout.of(cfg, args.processes, args.devices))))
+        print("\n".join(_plan(cfg, args)))
         return
     # Only now TensorFlow: `--help`, `--dry-run` and config errors answer without it.
     cli.import_tensorflow()
@@ -41,6 +51,21 @@ def _train(args):
     distributed.init(cfg.dist, cfg.run.dir)  # Horovod (under a launcher), CPU threads
     replicas.setup(cfg.dist, distributed.local_rank(), distributed.local_size())  # devices
     trainer.run(cfg)
+
+
+def _plan(cfg, args):
+    """The dry run: the run over --processes x --devices, its memory at each ZeRO stage and what
+    fits, the bytes each stage sends and the step time they imply."""
+    from hvd_llama import plan, traffic
+    from hvd_llama.errors import UserError
+    from hvd_llama.layout import Layout
+    if not 0 < args.mfu <= 1 or args.bus_gbps <= 0 or args.device_memory < 0:
+        raise UserError("--mfu must be in (0, 1], --bus-gbps above 0, --device-memory not below 0")
+    layout = Layout.of(cfg, args.processes, args.devices)
+    peak, source = hardware.stated_peak(cfg.train.precision, cfg.train.peak_tflops, args.gpu,
+                                        layout.devices)
+    return [*plan.describe(cfg, layout), plan.fit_line(cfg, layout, args.gpu, args.device_memory),
+            *traffic.describe(cfg, layout, peak, source, args.mfu, args.bus_gbps)]
 
 
 if __name__ == "__main__":

@@ -50,13 +50,14 @@ def setup(c):
       1. broadcast  rank 0's verdict on run.dir: start fresh, resume (from which checkpoint),
                     or refuse (the error then stops every rank alike)
       2. barrier    local rank 0 of each host has prepared the built-in dataset
-      3. broadcast  rank 0's weights and optimizer state (restored, or freshly initialised)
+      3. broadcast  rank 0's weights (restored, or freshly initialised), after every rank
+                    read its part of the checkpoint (checkpoint.restore)
       4. barrier    then allreduce: the CPU peak, measured by all processes at once
       5. allgather  the hosts' names, for the banner
     """
     layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
-    if not tf.config.list_physical_devices("GPU"):  # refuse instead of running out
-        plan.check_fits(c, layout, dist.local_size() * layout.devices)
+    # Refuse instead of running out: the host's memory, or a known GPU's.
+    plan.check_fits(c, layout, dist.local_size() * layout.devices, hardware.gpu_name())
     verdict = _on_chief(checkpoint.resume_point, c)
     resume = dist.broadcast_object(verdict)  # 1
     if isinstance(resume, UserError):
@@ -70,9 +71,9 @@ def setup(c):
     dist.barrier()  # 2
     # Sizes are checked on every rank; the sha256 pass reads every shard, so once per host.
     dataset = Prepared(path, c.model.vocab_size, verify=c.data.verify and dist.local_rank() == 0)
-    model, optimizer, jit = step_lib.build(c)
-    checkpoint.restore(resume, model, optimizer)  # on rank 0
-    dist.broadcast_variables(model.variables + optimizer.variables)  # 3
+    model, optimizer, jit = step_lib.build(c, layout)
+    checkpoint.restore(resume, model, optimizer)  # every rank: its optimizer state or share
+    dist.broadcast_variables(model.variables)  # 3
     dist.barrier()  # 4: every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops,
                                              replicas.count())
@@ -114,8 +115,8 @@ def _banner(c, r, world, peak_source):
 
 def loop(c, r):
     """The optimizer steps from r.start + 1 to train.steps; {"step", "loss"} of the last log.
-    Collectives: the step's allreduce, and at each logged step the mean loss (and the
-    validation loss when evaluating)."""
+    Collectives: the step's allreduce (or ZeRO's), at each logged step the mean loss (and the
+    validation loss when evaluating), and the barriers of each checkpoint."""
     layout, optimizer = r.layout, r.optimizer
     batches = data.dataset(r.dataset.sequences("train", c.data.seq_len), layout, c.train.seed,
                            first_row=r.rows, steps=c.train.steps - r.start)
@@ -155,7 +156,7 @@ def loop(c, r):
             last = {"step": step, "loss": record["loss"]}
             t_log, steps_since_log = now, 0
         if step % c.train.checkpoint_every == 0 or last_step:
-            checkpoint.save(c, step, r.rows, r.model, optimizer)
+            checkpoint.save(c, layout, step, r.rows, r.model, optimizer)  # every rank
     metrics.close()
     return last
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -105,9 +106,11 @@ def assert_trains_like(out, reference, steps=STEPS):
 
 def train_args(out, cache_dir, *overrides, steps=STEPS):
     """mp_worker's micro run for `steps` steps at global batch 8, whatever the process and
-    device count, in OUT/run."""
+    device count, in OUT/run. Its gradient norms are 0.6-0.75: clipping at 0.5 acts at
+    every step."""
     return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
             f"train.steps={steps}", "train.global_batch=8", "train.log_every=1",
+            "train.clip_norm=0.5",
             f"train.checkpoint_every={steps}", *overrides]
 
 
@@ -117,4 +120,18 @@ def one_process(tmp_path_factory, cache_dir):
     out = str(tmp_path_factory.mktemp("np1"))
     run([sys.executable, *train_args(out, cache_dir, "train.checkpoint_every=2",
                                      "train.jit_compile=false")])
+    return out
+
+
+def stopped_after_step_2(reference, out):
+    """OUT/run as the reference run (one_process) would have left it had it stopped after its
+    step-2 checkpoint; returns OUT."""
+    shutil.copytree(os.path.join(reference, "run"), os.path.join(out, "run"),
+                    ignore=shutil.ignore_patterns("step-00000004", "step-00000005",
+                                                  "saved_model*"))
+    with open(os.path.join(out, "run", "metrics.jsonl"), "r+") as f:
+        first_two = f.readlines()[:2]
+        f.seek(0)
+        f.writelines(first_two)
+        f.truncate()
     return out

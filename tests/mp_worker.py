@@ -2,7 +2,11 @@
 
     python tests/mp_worker.py train OUT [section.key=value ...]
         trains configs/micro.yaml with the overrides; OUT/rank<r>.npz = final weights,
-        OUT/rank<r>-copies.json = how many device copies each weight has, and their spread
+        OUT/rank<r>-copies.json = how many device copies each weight has, their spread and
+        the bytes of the optimizer's variables on this rank
+    python tests/mp_worker.py zero_overflow OUT
+        float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
+        step; OUT/rank<r>.json says what each rank's optimizer did
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
@@ -25,17 +29,22 @@ def weights(model):
 
 
 def train(out, overrides):
-    from hvd_llama import config, distributed as dist, replicas, trainer
+    from hvd_llama import config, distributed as dist, optim, replicas, trainer
     cfg = config.load(MICRO, overrides)
     dist.init(cfg.dist, cfg.run.dir)
     replicas.setup(cfg.dist, dist.local_rank(), dist.local_size())
-    model, _ = trainer.run(cfg)
+    r = trainer.setup(cfg)
+    trainer.finish(cfg, r, trainer.loop(cfg, r))
+    model = r.model
+    adamw = optim.adamw(getattr(r.optimizer, "inner", r.optimizer))  # ZeRO's, or stage 0's
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
     # Every device's copy of every weight (one copy outside mirrored/hybrid), against the first.
     copies = [replicas.strategy().experimental_local_results(v.value) for v in model.weights]
     spread = max(float(np.max(np.abs(c.numpy() - cs[0].numpy()))) for cs in copies for c in cs)
     with open(os.path.join(out, f"rank{dist.rank()}-copies.json"), "w") as f:
-        json.dump({"copies": len(copies[0]), "spread": spread}, f)
+        json.dump({"copies": len(copies[0]), "spread": spread,
+                   "optimizer_bytes": sum(int(np.prod(v.shape)) * 4 for v in adamw.variables)},
+                  f)
 
 
 def data(out, path):
@@ -133,8 +142,42 @@ def collectives(out):
     np.savez(os.path.join(out, f"rank{r}.npz"), **res)
 
 
+def zero_overflow(out):
+    import tensorflow as tf
+    from hvd_llama import config, distributed as dist, model as model_lib, replicas, zero
+    from hvd_llama.layout import Layout
+    dist.init()
+    replicas.setup(None, dist.local_rank(), dist.local_size())
+    r, res = dist.rank(), {}
+    cfg = config.load(MICRO, ["train.precision=float16"])
+    for stage in (1, 2):
+        model = model_lib.build(cfg.model, seed=0, precision="float16")
+        variables = model.trainable_variables
+        layout = Layout(dist.size(), 1, r, 1, 1, 8, zero=stage)
+        opt = zero.ShardedOptimizer(cfg.train, variables, layout)
+        apply = tf.function(opt.apply)
+        # Stage 1 is handed whole gradients, stage 2 this rank's shares. An Inf in row 0 of the
+        # first tensor of rank 0's gradient lands in rank 0's share in both: rank 1's is finite.
+        rows = [layout.share(v.shape[0]) if stage == 2 else (0, v.shape[0]) for v in variables]
+        grads = [np.ones([b - a, *v.shape[1:]], np.float32) for v, (a, b) in zip(variables, rows)]
+        if r == 0:
+            grads[0][0] = np.inf
+        before, scale = weights(model), float(opt.dynamic_scale.numpy())
+        apply([tf.constant(g) for g in grads])
+        res[f"zero{stage}"] = {
+            "changed": any(not np.array_equal(a, b) for a, b in zip(before, weights(model))),
+            "scale": [scale, float(opt.dynamic_scale.numpy())],
+            "iterations": int(opt.inner.iterations.numpy())}
+        grads[0][0] = 1.0
+        apply([tf.constant(g) for g in grads])
+        res[f"zero{stage}"]["then_changed"] = not np.array_equal(before[0], weights(model)[0])
+        res[f"zero{stage}"]["then_weights"] = float(sum(np.sum(w) for w in weights(model)))
+    with open(os.path.join(out, f"rank{r}.json"), "w") as f:
+        json.dump(res, f)
+
+
 if __name__ == "__main__":
     what, out, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     os.makedirs(out, exist_ok=True)
     {"train": lambda: train(out, rest), "data": lambda: data(out, rest[0]),
-     "collectives": lambda: collectives(out)}[what]()
+     "collectives": lambda: collectives(out), "zero_overflow": lambda: zero_overflow(out)}[what]()

@@ -7,14 +7,14 @@ the Gloo and the MPI controller.
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import (CONTROLLERS, STEPS, TINY, arrays, assert_one_line_error,
-                      assert_trains_like, horovodrun, rank_lines, run, train_args)
+                      assert_trains_like, horovodrun, rank_lines, run, stopped_after_step_2,
+                      train_args)
 
 MIRRORED = ["dist.strategy=mirrored", "dist.logical_cpus=2"]
 HYBRID = ["dist.strategy=hybrid", "dist.logical_cpus=2"]
@@ -64,15 +64,7 @@ def test_a_checkpoint_resumes_under_every_other_strategy(one_process, tmp_path, 
 
     The first leg is the reference run itself, as if it had stopped after step 2's checkpoint
     (all steps are inside the warmup, so its train.steps does not change them)."""
-    out = str(tmp_path)
-    shutil.copytree(os.path.join(one_process, "run"), os.path.join(out, "run"),
-                    ignore=shutil.ignore_patterns("step-00000004", "step-00000005",
-                                                  "saved_model*"))
-    with open(os.path.join(out, "run", "metrics.jsonl"), "r+") as f:
-        first_two = f.readlines()[:2]
-        f.seek(0)
-        f.writelines(first_two)
-        f.truncate()
+    out = stopped_after_step_2(one_process, str(tmp_path))
     run([sys.executable, *train_args(out, cache_dir, *MIRRORED, "train.grad_accum=2",
                                      "train.resume=true", steps=3)])
     horovodrun("gloo", train_args(out, cache_dir, *HYBRID, "train.resume=true", steps=4))
