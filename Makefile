@@ -8,6 +8,7 @@
 #              and PyTorch eager/DDP, 1 and $(NP) processes; allreduce bandwidth (Gloo and MPI)
 # make bench-strategies  dist.strategy horovod/mirrored/hybrid on configs/tiny.yaml and small.yaml
 #              (logical CPU devices on a host without GPUs)
+# make bench-zero  dist.zero 0/1/2 at 2 processes: tiny and small speed, a 142M model's memory
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
 #              EXTRAS= the setup.cfg extras (the images: none, or gpu)
@@ -23,7 +24,7 @@ EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers \
-	bench-strategies image-test clean
+	bench-strategies bench-zero image-test clean
 
 setup: $(STAMP)
 
@@ -63,6 +64,9 @@ bench-peers: setup
 
 bench-strategies: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/strategies.py
+
+bench-zero: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/zero.py
 
 image-test:
 	bash docker/image-test.sh

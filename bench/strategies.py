@@ -54,7 +54,7 @@ def main():
                          "processes": processes, "devices_per_process": b["devices_per_process"],
                          "threads_per_process": b["threads_per_process"],
                          "tokens_per_s": b["tokens_per_s"], "step_s": b["step_s"],
-                         "compute_s": b["compute_s"], "allreduce_s": b["allreduce_s"],
+                         "compute_s": b["compute_s"], "communication_s": b["communication_s"],
                          "other_s": b["other_s"], "peak_rss_gib": b["peak_rss_gib"],
                          "global_batch": b["global_batch"], "seq_len": b["seq_len"]})
             print(json.dumps(rows[-1]), flush=True)
@@ -76,7 +76,7 @@ def table(result):
     lines = [f"float32, {result['steps']} timed steps, {result['cpus']} CPUs, {result['host']}, "
              f"{result['date']}; ratios against horovod with 2 processes of the same config:", "",
              "| config | dist.strategy | processes x devices | threads per process | tokens/s "
-             "| x horovod 2 processes | compute ms | allreduce ms | update ms "
+             "| x horovod 2 processes | compute ms | communication ms | update ms "
              "| peak RSS per process, GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -86,7 +86,7 @@ def table(result):
             f"| {r['config']} (batch {r['global_batch']} x {r['seq_len']}) | {r['strategy']} | "
             f"{r['processes']} x {r['devices_per_process']} | {r['threads_per_process']} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / peer['tokens_per_s']:.2f} | "
-            f"{1000 * r['compute_s']:,.0f} | {1000 * r['allreduce_s']:,.0f} | "
+            f"{1000 * r['compute_s']:,.0f} | {1000 * r['communication_s']:,.0f} | "
             f"{1000 * r['other_s']:,.0f} | {r['peak_rss_gib']:.2f} |")
     return lines
 

@@ -6,9 +6,11 @@
 
 The first form times the training step of a config on random tokens (no data on disk): tokens/s
 per process and in all; the step split into compute (forward and backward, and the mean over a
-process's devices under dist.strategy mirrored/hybrid), allreduce and the rest (the update), each
-timed on its own; MFU against the device's peak (on a CPU, a matmul measured at start, all
-processes at once); peak memory; and scaling efficiency, tokens/s of N processes over N times
+process's devices under dist.strategy mirrored/hybrid), communication (the allreduce, or under
+dist.zero the reduce-scatters, the norm's allreduce and the all-gather) and the rest (the
+update), each timed on its own; MFU against the device's peak (on a CPU, a matmul measured
+at start, all processes at once); peak memory, next to the dry run's estimate; and scaling
+efficiency, tokens/s of N processes over N times
 one process given a rank's share of the host (--single TOKENS_PER_S, or --measure-single: rank 0
 runs that one process first while the others wait).
 
@@ -99,7 +101,8 @@ def run_step(c, args):
     dist.barrier()  # every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops, d)
     peak = float(dist.allreduce_mean(peak))
-    step_s, compute_s, allreduce_s = _time_parts(c, layout, model, optimizer, jit, args.steps)
+    step_s, compute_s, communication_s = _time_parts(c, layout, model, optimizer, jit,
+                                                     args.steps)
 
     # Every process ran the same number of steps; the slowest one sets the pace.
     step_s = max(dist.allgather_object(step_s))
@@ -119,15 +122,16 @@ def run_step(c, args):
          "threads_per_process": tf.config.threading.get_intra_op_parallelism_threads(),
          "precision": c.train.precision, "xla": jit, "remat": c.train.remat,
          "global_batch": c.train.global_batch, "seq_len": c.data.seq_len,
-         "grad_accum": c.train.grad_accum, "steps": args.steps,
+         "grad_accum": c.train.grad_accum, "zero": c.dist.zero, "steps": args.steps,
          "tokens_per_s": tokens_per_s, "tokens_per_s_per_process": tokens_per_s / n,
-         "step_s": step_s, "compute_s": compute_s, "allreduce_s": allreduce_s,
-         "other_s": step_s - compute_s - allreduce_s,
+         "step_s": step_s, "compute_s": compute_s, "communication_s": communication_s,
+         "other_s": step_s - compute_s - communication_s,
          "flops_per_token": flops_per_token, "peak_tflops_per_process": peak,
          "peak_source": peak_source,
          "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * n) if peak else None,
          "peak_rss_gib": max(r[0] for r in rss),
          "peak_rss_over_start_gib": max(r[1] for r in rss), "peak_gpu_memory_gib": gpu_peak,
+         "planned_gib": sum(plan.memory_per_replica(c, layout).values()) / 2 ** 30,
          "single_tokens_per_s": single or None,
          "scaling_efficiency": tokens_per_s / (n * single) if single else None}
     return r
@@ -135,25 +139,39 @@ def run_step(c, args):
 
 def _time_parts(c, layout, model, optimizer, jit, steps):
     """Seconds per call of the whole step, of its compute (forward and backward, the mean over
-    a process's devices) and of its allreduce, on random tokens."""
+    a process's devices) and of its collectives, on random tokens."""
     import numpy as np
     import tensorflow as tf
-    from hvd_llama import distributed as dist, step as step_lib
+    from hvd_llama import step as step_lib
     tokens = tf.constant(np.random.default_rng(layout.rank).integers(
         0, c.model.vocab_size, (layout.grad_accum, layout.process_batch, layout.seq_len + 1),
         np.int32))
     step = step_lib.make_train_step(model, optimizer, layout, jit)
     gradients = step_lib.make_gradients(model, layout, jit)
-    allreduce = tf.function(lambda g: dist.allreduce_gradients(g, compression=c.dist.compression))
+    communicate = tf.function(lambda g: _collectives(g, layout, c.dist.compression))
 
     step_s = _seconds_per_call(lambda: float(step(tokens)[0]), steps)
     split = max(1, min(steps, 2))  # the parts again, fewer times: they only divide it
     one = tf.constant(1.0)  # the loss scale
     compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
     grads = gradients(tokens, one)[1]
-    allreduce_s = _seconds_per_call(lambda: [g.numpy() for g in allreduce(grads)], split) \
+    communication_s = _seconds_per_call(lambda: [g.numpy() for g in communicate(grads)], split) \
         if layout.processes > 1 else 0.0  # one process does not communicate
-    return step_s, compute_s, allreduce_s
+    return step_s, compute_s, communication_s
+
+
+def _collectives(grads, layout, compression):
+    """A step's collectives on its gradients: stage 0's allreduce; ZeRO's reduce-scatter (one
+    per micro-batch at stage 2), the allreduce of the norm's two sums, and the all-gather."""
+    import tensorflow as tf
+    from hvd_llama import distributed as dist
+    if not layout.zero:
+        return dist.allreduce_gradients(grads, compression=compression)
+    for _ in range(layout.grad_accum if layout.zero == 2 else 1):
+        shares = dist.reducescatter_gradients(grads, compression)
+    sums = dist.allreduce_sum(tf.stack([tf.reduce_sum(shares[0]), tf.reduce_sum(shares[-1])]))
+    with tf.control_dependencies([sums]):  # as in the step: the gather waits for the norm
+        return dist.allgather_shares(shares)
 
 
 def measure_single(args, n):
@@ -206,18 +224,20 @@ def step_table(r):
              f"{r['devices_per_process']} device(s) x {r['threads_per_process']} threads on "
              f"{', '.join(r['hosts'])} "
              f"(controller {r['controller']}); {r['precision']}, XLA {r['xla']}, "
-             f"remat {r['remat']}; global batch {r['global_batch']} x {r['seq_len']} tokens",
+             f"remat {r['remat']}, dist.zero={r['zero']}; global batch {r['global_batch']} x "
+             f"{r['seq_len']} tokens",
              "| figure | value |", "|---|---:|",
              f"| tokens/s, all processes | {r['tokens_per_s']:,.0f} |",
              f"| tokens/s per process | {r['tokens_per_s_per_process']:,.0f} |"]
     for key, label in (("step_s", "step"), ("compute_s", "compute (forward + backward)"),
-                       ("allreduce_s", "allreduce"), ("other_s", "the rest (update)")):
+                       ("communication_s", "communication"), ("other_s", "the rest (update)")):
         lines.append(f"| {label}, ms | {1000 * r[key]:,.1f} |")
     if r["mfu"] is not None:
         lines.append(f"| MFU ({r['peak_tflops_per_process']:.3g} TFLOP/s per process, "
                      f"{r['peak_source']}) | {100 * r['mfu']:.1f}% |")
-    lines.append(f"| peak RSS per process, GiB (over its RSS before the build) | "
-                 f"{r['peak_rss_gib']:.2f} ({r['peak_rss_over_start_gib']:.2f}) |")
+    lines += [f"| peak RSS per process, GiB (over its RSS before the build) | "
+              f"{r['peak_rss_gib']:.2f} ({r['peak_rss_over_start_gib']:.2f}) |",
+              f"| the dry run's estimate per process, GiB | {r['planned_gib']:.2f} |"]
     if r["peak_gpu_memory_gib"] is not None:
         lines.append(f"| peak GPU memory, GiB | {r['peak_gpu_memory_gib']:.2f} |")
     if r["scaling_efficiency"] is not None:

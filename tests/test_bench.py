@@ -33,22 +33,30 @@ def check_step_figures(r, processes):
     assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"]
                                      / (r["peak_tflops_per_process"] * 1e12 * processes))
     assert 0 < r["compute_s"] and r["other_s"] == pytest.approx(
-        r["step_s"] - r["compute_s"] - r["allreduce_s"])
+        r["step_s"] - r["compute_s"] - r["communication_s"])
     assert r["peak_rss_gib"] > r["peak_rss_over_start_gib"] > 0
 
 
 def test_step_bench_one_process():
     r = last_json(run([sys.executable, *STEP]))
     check_step_figures(r, 1)
-    assert r["allreduce_s"] == 0.0 and r["controller"] == "none"
+    assert r["communication_s"] == 0.0 and r["controller"] == "none"
     assert r["scaling_efficiency"] is None
     assert "targets" not in r  # measurements only: bench/peers.py checks the targets
 
 
 def test_step_bench_two_processes_with_a_given_single_figure():
-    r = last_json(horovodrun("gloo", [*STEP, "--single", "1000"]))
+    """At dist.zero=2 with 2 micro-batches: its collectives are what it times."""
+    from hvd_llama import config, plan
+    from hvd_llama.layout import Layout
+    overrides = ["dist.zero=2", "train.grad_accum=2"]
+    r = last_json(horovodrun("gloo", [*STEP, "--single", "1000", *overrides]))
     check_step_figures(r, 2)
-    assert r["controller"] == "gloo" and r["allreduce_s"] > 0
+    c = config.load(MICRO, [*STEP[-1:], *overrides])
+    assert r["zero"] == 2 and r["grad_accum"] == 2
+    assert r["planned_gib"] * 2 ** 30 == pytest.approx(
+        sum(plan.memory_per_replica(c, Layout.of(c, 2)).values()))
+    assert r["controller"] == "gloo" and r["communication_s"] > 0
     assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s"] / 2000)
 
 

@@ -43,15 +43,17 @@ def test_zero_trains_like_one_process_and_holds_half_the_optimizer_state(
     assert report(out, 1)["spread"] == 0.0
 
 
-def test_a_sharded_checkpoint_resumes_at_any_stage_and_process_count(
+def test_a_checkpoint_resumes_at_every_stage_strategy_and_process_count(
         one_process, tmp_path, cache_dir):
-    """One run: the reference's first 2 steps (stage 0, 1 process), step 3 at stage 2 on 2
-    processes (Gloo), step 4 at stage 1 on 2 (MPI, 2 micro-batches), step 5 at stage 0 on
-    1 process: it ends where the uninterrupted run ends. The sharded step-4 checkpoint also
-    exports and converts."""
+    """One run, a step under each layout in turn, each resuming the last one's checkpoint:
+    the reference's first 2 steps (1 process, stage 0), step 3 hybrid at stage 2 (Gloo, 2
+    processes x 2 devices), step 4 horovod at stage 1 (MPI, 2 processes, 2 micro-batches),
+    step 5 mirrored (1 process x 2 devices, 2 micro-batches). It ends where the uninterrupted
+    run ends. The sharded step-4 checkpoint also exports and converts."""
     from hvd_llama import checkpoint
     out = stopped_after_step_2(one_process, str(tmp_path))
-    horovodrun("gloo", train_args(out, cache_dir, "dist.zero=2", "train.resume=true", steps=3))
+    horovodrun("gloo", train_args(out, cache_dir, *HYBRID, "dist.zero=2", "train.resume=true",
+                                  steps=3))
     horovodrun("mpi", train_args(out, cache_dir, "dist.zero=1", "train.grad_accum=2",
                                  "train.resume=true", steps=4))
     step4 = os.path.join(out, "run", "checkpoints", "step-00000004")
@@ -71,7 +73,9 @@ def test_a_sharded_checkpoint_resumes_at_any_stage_and_process_count(
         assert rel_err(a.numpy(), b.numpy()) < 1e-5
     np.testing.assert_allclose(exported, _logits(model), rtol=1e-4, atol=1e-5)
 
-    run([sys.executable, *train_args(out, cache_dir, "train.resume=true")])
+    run([sys.executable, *train_args(out, cache_dir, "dist.strategy=mirrored",
+                                     "dist.logical_cpus=2", "train.grad_accum=2",
+                                     "train.resume=true")])
     assert_trains_like(out, one_process)
 
 

@@ -1,0 +1,100 @@
+"""ZeRO benchmark (make bench-zero): dist.zero 0, 1 and 2 at 2 processes (horovodrun, Gloo) on
+this host, one after another in one invocation, at the same global batch:
+
+  speed    configs/tiny.yaml and configs/small.yaml, 1 and 2 micro-batches a step: tokens/s and
+           the step split into compute, communication (allreduce; or reduce-scatter, the
+           norm's allreduce and all-gather) and the update; ratios against dist.zero=0
+  memory   a 142M-parameter model at 1 x 64 tokens per process and step, where AdamW's state
+           dominates: peak RSS per process, and its drop from dist.zero=0 against the drop
+           the dry run predicts
+
+Each row is `python -m hvd_llama.bench` in a fresh process. Writes
+bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
+
+    .venv/bin/python bench/zero.py [--steps 3]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+
+from steps import REPO, hvd_llama_bench, replace_section
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
+PROCESSES = 2
+SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
+# configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks.
+MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
+          "model.num_query_heads=16", "model.num_key_value_heads=16", "data.seq_len=64",
+          f"train.global_batch={PROCESSES}"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--benchmarks", default=os.path.join(REPO, "BENCHMARKS.md"))
+    args = parser.parse_args()
+    small = os.path.join(REPO, "configs", "small.yaml")
+    runs = [(name, config, [f"train.grad_accum={accum}"], zero)
+            for name, config in (("tiny", os.path.join(REPO, "configs", "tiny.yaml")),
+                                 ("small", small))
+            for zero, accum in SPEED]
+    runs += [("142M", small, MEMORY, zero) for zero in (0, 1, 2)]
+    rows = []
+    for name, config, overrides, zero in runs:
+        b = hvd_llama_bench(["--config", config, "--steps", str(args.steps),
+                             *overrides, f"dist.zero={zero}"], PROCESSES, "gloo")
+        rows.append({"config": name, "zero": zero, "grad_accum": b["grad_accum"],
+                     "tokens_per_s": b["tokens_per_s"], "step_s": b["step_s"],
+                     "compute_s": b["compute_s"], "communication_s": b["communication_s"],
+                     "other_s": b["other_s"], "peak_rss_gib": b["peak_rss_gib"],
+                     "planned_gib": b["planned_gib"], "global_batch": b["global_batch"],
+                     "seq_len": b["seq_len"]})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"date": datetime.date.today().isoformat(), "host": socket.gethostname(),
+              "cpus": os.cpu_count(), "steps": args.steps, "rows": rows}
+    lines = table(result)
+    os.makedirs(args.results, exist_ok=True)
+    stem = os.path.join(args.results, f"{result['date']}-{result['host']}-zero")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    replace_section(args.benchmarks, BEGIN, END, lines)
+    print("\n".join(lines))
+    print(f"wrote {stem}.json, .md; the table in {args.benchmarks}")
+
+
+def table(result):
+    def peer(r):  # dist.zero=0 of the same config and micro-batches
+        return next(p for p in result["rows"] if p["config"] == r["config"]
+                    and p["grad_accum"] == r["grad_accum"] and p["zero"] == 0)
+
+    lines = [f"float32, {PROCESSES} processes (Gloo), {result['steps']} timed steps, "
+             f"{result['cpus']} CPUs, {result['host']}, {result['date']}; ratios against "
+             "dist.zero=0 of the same config and micro-batches:", "",
+             "| config (global batch x seq) | dist.zero | micro-batches | tokens/s | x zero=0 "
+             "| compute ms | communication ms | update ms | peak RSS per process, GiB "
+             "| drop from zero=0, GiB: measured / dry run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        p = peer(r)
+        drop = (f"{p['peak_rss_gib'] - r['peak_rss_gib']:.2f} / "
+                f"{p['planned_gib'] - r['planned_gib']:.2f}" if r["zero"] else "")
+        lines.append(
+            f"| {r['config']} ({r['global_batch']} x {r['seq_len']}) | {r['zero']} | "
+            f"{r['grad_accum']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / p['tokens_per_s']:.2f} | {1000 * r['compute_s']:,.0f} | "
+            f"{1000 * r['communication_s']:,.0f} | {1000 * r['other_s']:,.0f} | "
+            f"{r['peak_rss_gib']:.2f} | {drop} |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
