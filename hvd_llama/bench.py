@@ -101,12 +101,11 @@ def run_step(c, args):
     dist.barrier()  # every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops, d)
     peak = float(dist.allreduce_mean(peak))
-    step_s, compute_s, communication_s = _time_parts(c, layout, model, optimizer, jit,
-                                                     args.steps)
+    step_s, compute_s, communication_s, peak_rss = _time_parts(c, layout, model, optimizer,
+                                                               jit, args.steps)
 
     # Every process ran the same number of steps; the slowest one sets the pace.
     step_s = max(dist.allgather_object(step_s))
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     rss = dist.allgather_object((peak_rss, peak_rss - start_rss))
     gpu = tf.config.list_logical_devices("GPU")
     gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 30
@@ -139,7 +138,8 @@ def run_step(c, args):
 
 def _time_parts(c, layout, model, optimizer, jit, steps):
     """Seconds per call of the whole step, of its compute (forward and backward, the mean over
-    a process's devices) and of its collectives, on random tokens."""
+    a process's devices) and of its collectives, on random tokens; and the peak RSS (GiB) of
+    the steps, before the parts hold gradients of their own."""
     import numpy as np
     import tensorflow as tf
     from hvd_llama import step as step_lib
@@ -151,13 +151,14 @@ def _time_parts(c, layout, model, optimizer, jit, steps):
     communicate = tf.function(lambda g: _collectives(g, layout, c.dist.compression))
 
     step_s = _seconds_per_call(lambda: float(step(tokens)[0]), steps)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     split = max(1, min(steps, 2))  # the parts again, fewer times: they only divide it
     one = tf.constant(1.0)  # the loss scale
     compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
     grads = gradients(tokens, one)[1]
     communication_s = _seconds_per_call(lambda: [g.numpy() for g in communicate(grads)], split) \
         if layout.processes > 1 else 0.0  # one process does not communicate
-    return step_s, compute_s, communication_s
+    return step_s, compute_s, communication_s, peak_rss
 
 
 def _collectives(grads, layout, compression):
@@ -167,8 +168,10 @@ def _collectives(grads, layout, compression):
     from hvd_llama import distributed as dist
     if not layout.zero:
         return dist.allreduce_gradients(grads, compression=compression)
-    for _ in range(layout.grad_accum if layout.zero == 2 else 1):
-        shares = dist.reducescatter_gradients(grads, compression)
+    shares = dist.reducescatter_gradients(grads, compression)
+    for _ in range(layout.grad_accum - 1 if layout.zero == 2 else 0):  # all used: none pruned
+        more = dist.reducescatter_gradients(grads, compression)
+        shares = [s + m for s, m in zip(shares, more)]
     sums = dist.allreduce_sum(tf.stack([tf.reduce_sum(shares[0]), tf.reduce_sum(shares[-1])]))
     with tf.control_dependencies([sums]):  # as in the step: the gather waits for the norm
         return dist.allgather_shares(shares)

@@ -155,6 +155,9 @@ def save(config, layout, step, rows, model, optimizer=None):
     if dist.is_chief():
         for old in sorted(_steps(config.run.dir))[:-KEEP]:
             remove(os.path.join(directory(config.run.dir), f"step-{old:08d}"))
+        for name in os.listdir(directory(config.run.dir)):  # saves that a crash cut short
+            if name.endswith(".partial-ranks"):
+                remove(os.path.join(directory(config.run.dir), name))
 
 
 def _entries(model, optimizer=None):

@@ -5,8 +5,12 @@ upgrading any of them, read this list and run tests/test_compat.py: each entry h
 the upstream behaviour it relies on, which fails when that behaviour changes.
 
 Hooks (the function here: who calls it, and what it relies on)
-- subclass_in_place: distributed.DistributedOptimizer. An optimizer's class becomes a subclass
-  of itself, so Keras 3's single gradient entry, `apply`, is wrapped with no rebuild.
+- subclass_in_place: distributed.DistributedOptimizer, clip_by_given_norm. An optimizer's
+  class becomes a subclass of itself, so Keras 3's single gradient entry, `apply`, is wrapped
+  with no rebuild.
+- clip_by_given_norm: zero.ShardedOptimizer. Keras 3 optimizers clip in the private
+  `_clip_gradients`, called by `apply` on the (unscaled) gradients before the update; it is
+  replaced on the instance so that global-norm clipping uses a norm computed elsewhere.
 - adam_moments: checkpoint (saving and restoring AdamW's moments by the name of their
   variable). Keras 3's Adam keeps them in the private lists `_momentums` and `_velocities`,
   in the order of the variables it was built with.
@@ -46,6 +50,25 @@ def subclass_in_place(obj, mixin, prefix):
     base = type(obj)
     obj.__class__ = type(f"{prefix}{base.__name__}", (mixin, base), {})
     return obj
+
+
+# Keras 3.15: apply() -> _backend_apply_gradients() -> _clip_gradients(grads), after a
+# LossScaleOptimizer has unscaled them; global_clipnorm uses keras's clip_by_global_norm.
+def clip_by_given_norm(optimizer, norm):
+    """Make `optimizer`'s global-norm clipping use norm() (a tensor, evaluated when it clips)
+    instead of the norm of the gradients it is given; returns it."""
+    import tensorflow as tf
+
+    class GivenNormClip:
+        def _clip_gradients(self, grads):
+            if not self.global_clipnorm:
+                return grads
+            given, clip = norm(), self.global_clipnorm
+            # clip_by_global_norm's arithmetic: NaN for a non-finite norm.
+            scale = clip * tf.minimum(1.0 / given, 1.0 / clip) + (given - given)
+            return [g * scale for g in grads]
+
+    return subclass_in_place(optimizer, GivenNormClip, "GivenNorm")
 
 
 # Keras 3.15's Adam/AdamW: build() fills _momentums and _velocities, one per variable, in the

@@ -92,7 +92,8 @@ def local_size():
 
 
 def is_chief():
-    """Rank 0 alone prints, writes metrics, checkpoints and exports."""
+    """Rank 0 alone prints, writes metrics and exports, and completes each checkpoint (which
+    every rank writes its share of)."""
     return rank() == 0
 
 
@@ -115,6 +116,10 @@ def world():
     return {"size": size(), "hosts": hosts, "controller": controller(), "tensor_ops": ops}
 
 
+def _compression(name):
+    return _hvd.Compression.fp16 if name == "fp16" else _hvd.Compression.none
+
+
 def allreduce_gradients(grads, op="average", compression="none"):
     """Average (or sum) a list of gradient tensors over all processes, fused into one group."""
     if _hvd is None or size() == 1:
@@ -124,10 +129,6 @@ def allreduce_gradients(grads, op="average", compression="none"):
         op=_hvd.Average if op == "average" else _hvd.Sum,
         compression=_compression(compression),
     )
-
-
-def _compression(name):
-    return _hvd.Compression.fp16 if name == "fp16" else _hvd.Compression.none
 
 
 def reducescatter_gradients(grads, compression="none"):
@@ -143,10 +144,11 @@ def reducescatter_gradients(grads, compression="none"):
 
 def allgather_shares(shares):
     """Each tensor's shares from every process, joined along the first dimension in rank
-    order: the whole tensor, on every process."""
+    order: the whole tensor, on every process. One all-gather per tensor, as for the
+    reduce-scatter: each whole tensor can be used (and freed) as soon as it has arrived."""
     if _hvd is None or size() == 1:
         return [tf.convert_to_tensor(s) for s in shares]
-    return _hvd.grouped_allgather([tf.convert_to_tensor(s) for s in shares])
+    return [_hvd.allgather(tf.convert_to_tensor(s)) for s in shares]
 
 
 def allreduce_sum(tensor):

@@ -70,14 +70,13 @@ class Layout:
         """The first row after `steps` optimizer steps from `first_row` (a checkpoint's)."""
         return first_row + steps * self.global_batch
 
-    def share(self, dim0, rank=None):
-        """(start, stop): the rows of a [dim0, ...] tensor that process `rank` (default: this
-        one) owns under ZeRO. Horovod's reduce-scatter splits the same way: the first
-        dim0 % processes ranks get one row more."""
-        rank = self.rank if rank is None else rank
+    def share(self, dim0):
+        """(start, stop): the rows of a [dim0, ...] tensor that this process owns under ZeRO
+        (and writes into a checkpoint). Horovod's reduce-scatter splits the same way: the
+        first dim0 % processes ranks get one row more."""
         base, extra = divmod(dim0, self.processes)
-        start = rank * base + min(rank, extra)
-        return start, start + base + (rank < extra)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
 
     def replica_rows(self, batch, replica):
         """Replica `replica`'s [k, b, ...] of this process's [k, d*b, ...] micro-batches."""

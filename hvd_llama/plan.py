@@ -56,7 +56,7 @@ def memory_per_replica(c, layout):
     n = param_count(mc)
     share = -(-n // layout.processes)  # the first ranks hold a row more of some tensors
     if zero == 2:
-        gradients = 4 * share + _gradients_in_flight(c)
+        gradients = 4 * share + _gradients_in_flight(c, layout)
     else:
         gradients = 4 * n * (2 if layout.grad_accum > 1 else 1)
     width = 4 if c.train.precision == "float32" else 2
@@ -68,14 +68,15 @@ def memory_per_replica(c, layout):
             "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
 
 
-def _gradients_in_flight(c):
+def _gradients_in_flight(c, layout):
     """Bytes of stage 2's gradients alive before their reduce-scatter. A compiled backward pass
     (train.jit_compile=true; "auto" compiles nothing at stage 2) returns a micro-batch's whole
-    gradient at once. Uncompiled, each block's is reduce-scattered as soon as the backward pass
-    has it, so count two in flight (one reducing while the next is computed), each as large as
-    a block's plus an embedding matrix's (the largest tensor) whichever it is."""
+    gradient at once, and so does the in-process mean over several devices (hybrid). Otherwise
+    each block's is reduce-scattered as soon as the backward pass has it, so count two in
+    flight (one reducing while the next is computed), each as large as a block's plus an
+    embedding matrix's (the largest tensor)."""
     mc = c.model
-    if c.train.jit_compile == "true":
+    if c.train.jit_compile == "true" or layout.devices > 1:
         return 4 * param_count(mc)
     return 2 * 4 * (_block_params(mc) + mc.vocab_size * mc.hidden_dim)
 

@@ -78,7 +78,7 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     scaled = hasattr(optimizer, "dynamic_scale")  # float16
     gradients = make_gradients(model, layout, jit_compile)
     if layout.zero == 2:
-        gradients = zero.share_gradients(gradients, variables, layout, optimizer.compression)
+        gradients = zero.share_gradients(gradients, optimizer)
 
     @tf.function
     def train_step(micro_batches):

@@ -1,6 +1,7 @@
 """A training run in three phases, each read top to bottom: setup, loop, finish.
 
-Every rank runs every phase; only rank 0 prints and writes files. The collectives, which every
+Every rank runs every phase and writes its share of each checkpoint; only rank 0 prints and
+writes the other files. The collectives, which every
 rank must reach in the same order, are all visible here (and numbered in `setup`'s docstring);
 the step's own allreduce is inside `optimizer.apply` (step.py).
 """
@@ -50,10 +51,11 @@ def setup(c):
       1. broadcast  rank 0's verdict on run.dir: start fresh, resume (from which checkpoint),
                     or refuse (the error then stops every rank alike)
       2. barrier    local rank 0 of each host has prepared the built-in dataset
-      3. broadcast  rank 0's weights (restored, or freshly initialised), after every rank
-                    read its part of the checkpoint (checkpoint.restore)
-      4. barrier    then allreduce: the CPU peak, measured by all processes at once
-      5. allgather  the hosts' names, for the banner
+      3. allgather  whether every rank read its part of the checkpoint (checkpoint.restore:
+                    the weights, and its optimizer state or ZeRO share)
+      4. broadcast  rank 0's weights (restored, or freshly initialised)
+      5. barrier    then allreduce: the CPU peak, measured by all processes at once
+      6. allgather  the hosts' names, for the banner
     """
     layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
     # Refuse instead of running out: the host's memory, or a known GPU's.
@@ -72,13 +74,19 @@ def setup(c):
     # Sizes are checked on every rank; the sha256 pass reads every shard, so once per host.
     dataset = Prepared(path, c.model.vocab_size, verify=c.data.verify and dist.local_rank() == 0)
     model, optimizer, jit = step_lib.build(c, layout)
-    checkpoint.restore(resume, model, optimizer)  # every rank: its optimizer state or share
-    dist.broadcast_variables(model.variables)  # 3
-    dist.barrier()  # 4: every process measures a CPU's peak at once, each on its share
+    # Every rank reads its part; a failure on any stops all of them alike.
+    failed = dist.allgather_object(_attempt(checkpoint.restore, resume, model, optimizer))  # 3
+    for rank, error in enumerate(failed):
+        if error:
+            raise UserError(f"rank {rank}: {error}" if len(failed) > 1 else str(error))
+    dist.broadcast_variables(model.variables)  # 4
+    if layout.zero:
+        optimizer.take_weights()  # the shares AdamW updates follow the weights
+    dist.barrier()  # 5: every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops,
                                              replicas.count())
-    peak = float(dist.allreduce_mean(peak))  # 4
-    world = dist.world()  # 5
+    peak = float(dist.allreduce_mean(peak))  # 5
+    world = dist.world()  # 6
     r = Run(layout, dataset, model, optimizer, jit, start=resume["step"] if resume else 0,
             rows=resume["rows"] if resume else 0, peak=peak)
     if dist.is_chief():
@@ -88,8 +96,11 @@ def setup(c):
 
 def _on_chief(fn, *args):
     """fn(*args) on rank 0, or the UserError it raised (to broadcast); None elsewhere."""
-    if not dist.is_chief():
-        return None
+    return _attempt(fn, *args) if dist.is_chief() else None
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the UserError it raised: to share with the other ranks."""
     try:
         return fn(*args)
     except UserError as e:
@@ -185,7 +196,8 @@ def finish(c, r, last):
 
 def _nonfinite(c, optimizer, step, skipped):
     """A step whose averaged gradients hold a NaN/Inf was not applied, on any rank (see
-    distributed.DistributedOptimizer). Stop, or go on, the same way on every rank."""
+    distributed.DistributedOptimizer and zero.ShardedOptimizer). Stop, or go on, the same way
+    on every rank."""
     if c.train.precision == "float16" and float(optimizer.dynamic_scale.numpy()) >= 1.0:
         return  # an overflow of the scaled loss: the halved scale is the cure
     if c.train.on_nonfinite == "stop":

@@ -6,7 +6,9 @@
         the bytes of the optimizer's variables on this rank
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
-        step; OUT/rank<r>.json says what each rank's optimizer did
+        step (and stage 0 on the same gradients); float32 at stage 1: a NaN in one rank's
+        share; OUT/rank<r>.json says what each rank's optimizer did, OUT/zero<s>-rank<r>.npz
+        holds the weights after
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
@@ -144,34 +146,66 @@ def collectives(out):
 
 def zero_overflow(out):
     import tensorflow as tf
-    from hvd_llama import config, distributed as dist, model as model_lib, replicas, zero
+    from hvd_llama import (config, distributed as dist, model as model_lib, optim, replicas,
+                           zero)
     from hvd_llama.layout import Layout
     dist.init()
     replicas.setup(None, dist.local_rank(), dist.local_size())
     r, res = dist.rank(), {}
-    cfg = config.load(MICRO, ["train.precision=float16"])
+    # An odd vocabulary: the embeddings' 97 rows split 49 + 48 between the ranks.
+    cfg = config.load(MICRO, ["train.precision=float16", "model.vocab_size=97"])
+
+    def weights_after(opt, model, steps):
+        apply = tf.function(lambda grads: opt.apply(grads, model.trainable_variables))
+        before, seen = weights(model), []
+        for grads in steps:
+            norm = apply([tf.constant(g) for g in grads])
+            seen.append({"changed": any(not np.array_equal(a, b)
+                                        for a, b in zip(before, weights(model))),
+                         "norm": float(norm)})
+            before = weights(model)
+        return seen
+
     for stage in (1, 2):
         model = model_lib.build(cfg.model, seed=0, precision="float16")
         variables = model.trainable_variables
         layout = Layout(dist.size(), 1, r, 1, 1, 8, zero=stage)
         opt = zero.ShardedOptimizer(cfg.train, variables, layout)
-        apply = tf.function(opt.apply)
-        # Stage 1 is handed whole gradients, stage 2 this rank's shares. An Inf in row 0 of the
-        # first tensor of rank 0's gradient lands in rank 0's share in both: rank 1's is finite.
+        # Stage 1 is handed whole gradients, stage 2 this rank's shares: 1000 (clipped after
+        # unscaling by 2 ** 15). An Inf in row 0 of the first tensor of rank 0's gradient
+        # lands in rank 0's share in both: rank 1's share is finite.
         rows = [layout.share(v.shape[0]) if stage == 2 else (0, v.shape[0]) for v in variables]
-        grads = [np.ones([b - a, *v.shape[1:]], np.float32) for v, (a, b) in zip(variables, rows)]
+        finite = [np.full([b - a, *v.shape[1:]], 1000.0, np.float32)
+                  for v, (a, b) in zip(variables, rows)]
+        overflow = [g.copy() for g in finite]
         if r == 0:
-            grads[0][0] = np.inf
-        before, scale = weights(model), float(opt.dynamic_scale.numpy())
-        apply([tf.constant(g) for g in grads])
-        res[f"zero{stage}"] = {
-            "changed": any(not np.array_equal(a, b) for a, b in zip(before, weights(model))),
-            "scale": [scale, float(opt.dynamic_scale.numpy())],
-            "iterations": int(opt.inner.iterations.numpy())}
-        grads[0][0] = 1.0
-        apply([tf.constant(g) for g in grads])
-        res[f"zero{stage}"]["then_changed"] = not np.array_equal(before[0], weights(model)[0])
-        res[f"zero{stage}"]["then_weights"] = float(sum(np.sum(w) for w in weights(model)))
+            overflow[0][0] = np.inf
+        scale = float(opt.dynamic_scale.numpy())
+        seen = weights_after(opt, model, [overflow])
+        res[f"zero{stage}"] = {"changed": seen[0]["changed"],
+                               "scale": [scale, float(opt.dynamic_scale.numpy())],
+                               "iterations": int(opt.inner.iterations.numpy())}
+        seen = weights_after(opt, model, [finite])
+        res[f"zero{stage}"]["then_changed"] = seen[0]["changed"]
+        np.savez(os.path.join(out, f"zero{stage}-rank{r}.npz"), *weights(model))
+        if stage == 1:  # stage 0 on the same gradients, for the same weights
+            model0 = model_lib.build(cfg.model, seed=0, precision="float16")
+            opt0 = dist.DistributedOptimizer(optim.build(
+                cfg.train, optim.schedule(cfg.train), model0.trainable_variables))
+            opt0.build(model0.trainable_variables)
+            weights_after(opt0, model0, [overflow, finite])
+            np.savez(os.path.join(out, f"zero0-rank{r}.npz"), *weights(model0))
+
+    # float32: a NaN in rank 0's share alone; both ranks skip the step, both see a NaN norm.
+    cfg = config.load(MICRO, ["model.vocab_size=97"])
+    model = model_lib.build(cfg.model, seed=0)
+    layout = Layout(dist.size(), 1, r, 1, 1, 8, zero=1)
+    opt = zero.ShardedOptimizer(cfg.train, model.trainable_variables, layout)
+    grads = [np.ones(v.shape, np.float32) for v in model.trainable_variables]
+    if r == 0:
+        grads[0][0] = np.nan
+    res["nan"] = weights_after(opt, model, [grads])[0]
+    res["nan"]["norm"] = str(res["nan"]["norm"])  # JSON has no NaN
     with open(os.path.join(out, f"rank{r}.json"), "w") as f:
         json.dump(res, f)
 

@@ -31,6 +31,36 @@ def lm():
     return tiny_lm()
 
 
+def test_adam_moments_are_per_variable_in_build_order():
+    """adam_moments: AdamW's first and second moments, one pair per variable it was built
+    with, in that order (the checkpoint names them after the variables)."""
+    import keras
+    a, b = keras.Variable([1.0, 1.0, 1.0]), keras.Variable([[1.0], [1.0]])
+    opt = keras.optimizers.AdamW(0.1, beta_1=0.5, beta_2=0.5)
+    opt.build([a, b])
+    opt.apply([keras.ops.convert_to_tensor([2.0, 2.0, 2.0]), keras.ops.zeros([2, 1])], [a, b])
+    moments = compat.adam_moments(opt)
+    assert [(m.shape, v.shape) for m, v in moments] == [((3,), (3,)), ((2, 1), (2, 1))]
+    np.testing.assert_allclose(moments[0][0].numpy(), 1.0)  # (1 - beta_1) x 2
+    np.testing.assert_allclose(moments[0][1].numpy(), 2.0)  # (1 - beta_2) x 2 ** 2
+    assert not moments[1][0].numpy().any()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_global_norm_clipping_can_be_given_its_norm(scaled):
+    """clip_by_given_norm: Keras clips (after unscaling, under a loss scale) in
+    _clip_gradients, and with the norm given it clips as Keras would with that norm: a gradient
+    of norm 1 clipped at 0.5 as if its norm were 4, so SGD(1) moves it by 1/8 of itself."""
+    import keras
+    var = keras.Variable([0.0, 0.0])
+    sgd = keras.optimizers.SGD(1.0, global_clipnorm=0.5)
+    opt = keras.optimizers.LossScaleOptimizer(sgd, initial_scale=8.0) if scaled else sgd
+    compat.clip_by_given_norm(sgd, lambda: keras.ops.convert_to_tensor(4.0))
+    grad = keras.ops.convert_to_tensor([0.6, 0.8]) * (8.0 if scaled else 1.0)
+    opt.apply([grad], [var])
+    np.testing.assert_allclose(var.numpy(), [-0.075, -0.1], rtol=1e-6)
+
+
 def test_optimizer_class_swap_keeps_settings_and_every_gradient_enters_apply():
     """subclass_in_place: assigning __class__ works on Keras optimizers, keeps their settings,
     and apply_gradients (so model.fit) hands every gradient over through `apply`."""
