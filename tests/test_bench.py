@@ -50,7 +50,7 @@ def test_step_bench_two_processes_with_a_given_single_figure():
     from hvd_llama import config, plan
     from hvd_llama.layout import Layout
     overrides = ["dist.zero=2", "train.grad_accum=2"]
-    r = last_json(horovodrun("gloo", [*STEP, "--single", "1000", *overrides]))
+    r = last_json(horovodrun("gloo", [*STEP, *overrides, "--single", "1000"]))
     check_step_figures(r, 2)
     c = config.load(MICRO, [*STEP[-1:], *overrides])
     assert r["zero"] == 2 and r["grad_accum"] == 2
