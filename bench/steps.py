@@ -1,9 +1,11 @@
 """Shared by the benchmarks: `python -m hvd_llama.bench ARGS` in a fresh process (alone, or
-under horovodrun on this host with the given controller), its result as a dict; and the
-rewriting of a benchmark's table in BENCHMARKS.md."""
+under horovodrun on this host with the given controller), its result as a dict; the
+rewriting of a benchmark's table in BENCHMARKS.md; and the publishing of a run's rows."""
 
+import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,3 +39,20 @@ def replace_section(path, begin, end, lines):
         head, rest = text.split(begin, 1)
         with open(path, "w") as f:
             f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+
+
+def publish(rows, steps, name, table, results, benchmarks, begin, end):
+    """Write a benchmark run's rows as results/<date>-<host>-<name>.json, its table (from
+    table(result)) as .md and into BENCHMARKS.md between `begin` and `end`; print it."""
+    result = {"date": datetime.date.today().isoformat(), "host": socket.gethostname(),
+              "cpus": os.cpu_count(), "steps": steps, "rows": rows}
+    lines = table(result)
+    os.makedirs(results, exist_ok=True)
+    stem = os.path.join(results, f"{result['date']}-{result['host']}-{name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    replace_section(benchmarks, begin, end, lines)
+    print("\n".join(lines))
+    print(f"wrote {stem}.json, .md; the table in {benchmarks}")

@@ -16,13 +16,11 @@ BENCHMARKS.md.
 """
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import sys
 
-from steps import REPO, hvd_llama_bench, replace_section
+from steps import REPO, hvd_llama_bench, publish
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- strategies:begin -->", "<!-- strategies:end -->"
@@ -58,18 +56,7 @@ def main():
                          "other_s": b["other_s"], "peak_rss_gib": b["peak_rss_gib"],
                          "global_batch": b["global_batch"], "seq_len": b["seq_len"]})
             print(json.dumps(rows[-1]), flush=True)
-    result = {"date": datetime.date.today().isoformat(), "host": socket.gethostname(),
-              "cpus": os.cpu_count(), "steps": args.steps, "rows": rows}
-    lines = table(result)
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"{result['date']}-{result['host']}-strategies")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    replace_section(args.benchmarks, BEGIN, END, lines)
-    print("\n".join(lines))
-    print(f"wrote {stem}.json, .md; the table in {args.benchmarks}")
+    publish(rows, args.steps, "strategies", table, args.results, args.benchmarks, BEGIN, END)
 
 
 def table(result):

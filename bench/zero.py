@@ -15,13 +15,11 @@ bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMAR
 """
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import sys
 
-from steps import REPO, hvd_llama_bench, replace_section
+from steps import REPO, hvd_llama_bench, publish
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
@@ -57,18 +55,7 @@ def main():
                      "planned_gib": b["planned_gib"], "global_batch": b["global_batch"],
                      "seq_len": b["seq_len"]})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"date": datetime.date.today().isoformat(), "host": socket.gethostname(),
-              "cpus": os.cpu_count(), "steps": args.steps, "rows": rows}
-    lines = table(result)
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"{result['date']}-{result['host']}-zero")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    replace_section(args.benchmarks, BEGIN, END, lines)
-    print("\n".join(lines))
-    print(f"wrote {stem}.json, .md; the table in {args.benchmarks}")
+    publish(rows, args.steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
 
 
 def table(result):
