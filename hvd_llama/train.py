@@ -59,8 +59,12 @@ def _plan(cfg, args):
     from hvd_llama import plan, traffic
     from hvd_llama.errors import UserError
     from hvd_llama.layout import Layout
-    if not 0 < args.mfu <= 1 or args.bus_gbps <= 0 or args.device_memory < 0:
-        raise UserError("--mfu must be in (0, 1], --bus-gbps above 0, --device-memory not below 0")
+    for flag, value, valid, rule in (("--mfu", args.mfu, 0 < args.mfu <= 1, "in (0, 1]"),
+                                     ("--bus-gbps", args.bus_gbps, args.bus_gbps > 0, "> 0"),
+                                     ("--device-memory", args.device_memory,
+                                      args.device_memory >= 0, ">= 0")):
+        if not valid:
+            raise UserError(f"{flag} must be {rule}, got {value:g}")
     layout = Layout.of(cfg, args.processes, args.devices)
     peak, source = hardware.stated_peak(cfg.train.precision, cfg.train.peak_tflops, args.gpu,
                                         layout.devices)

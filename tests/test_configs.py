@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run, train_cli
+from conftest import REPO, assert_one_line_error, run, train_cli
 from hvd_llama import config, hardware, plan, traffic
 from hvd_llama.errors import UserError
 from hvd_llama.layout import Layout
@@ -232,3 +232,9 @@ def test_base_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("base: [1]\n")
     with pytest.raises(UserError, match="'base' must name a YAML file"):
         config.load(str(tmp_path / "b.yaml"))
+
+
+@pytest.mark.parametrize("flag, value", [("--mfu", "1.5"), ("--bus-gbps", "0"),
+                                         ("--device-memory", "-1")])
+def test_a_bad_planning_flag_is_named(flag, value):
+    assert_one_line_error(train_cli("--dry-run", flag, value, check=False), flag, value)
