@@ -104,9 +104,7 @@ def build(c, layout):
                 optim.build(c.train, optim.schedule(c.train), variables),
                 compression=c.dist.compression)
             optimizer.build(variables)  # its variables exist before a restore
-    # "auto" leaves XLA off under stage 2: a compiled function hands back all of a micro-batch's
-    # gradients at once, where uncompiled each can be reduce-scattered and freed in turn.
-    on_gpu = bool(tf.config.list_physical_devices("GPU")) and layout.zero != 2
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
     jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
     return model, optimizer, jit
 

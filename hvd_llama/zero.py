@@ -95,12 +95,18 @@ class ShardedOptimizer:
 def share_gradients(gradients, optimizer):
     """Stage 2: make_gradients' function turned into (micro-batches, scale) -> (mean loss, this
     process's share of the mean gradients) for ShardedOptimizer `optimizer`. Each micro-batch's
-    gradients are reduce-scattered as soon as they exist and only the share is accumulated:
-    1/N of the accumulator's memory, for one reduce-scatter per micro-batch, not per step."""
+    gradients are reduce-scattered before the next one's are computed, and only the share is
+    accumulated: 1/N of the accumulator's memory, for one reduce-scatter per micro-batch, not
+    per step."""
     shapes = [[b - a, *v.shape[1:]] for v, (a, b) in zip(optimizer.variables, optimizer.rows)]
 
     @tf.function
     def shared(micro_batches, scale):
+        # One micro-batch: nothing to accumulate, so stage 1's step without the loop below,
+        # whose body held 0.13 GiB more at 142M parameters (BENCHMARKS.md, "ZeRO").
+        if micro_batches.shape[0] == 1:
+            loss, grads = gradients(micro_batches, scale)
+            return loss, dist.reducescatter_gradients(grads, optimizer.compression)
         k = tf.shape(micro_batches)[0]
         loss, acc = tf.constant(0.0), [tf.zeros(s) for s in shapes]
         for j in tf.range(k):
