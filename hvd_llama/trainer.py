@@ -135,7 +135,7 @@ def loop(c, r):
                                   c.train.eval_batches) if c.train.eval_every else []
     train_step = step_lib.make_train_step(r.model, optimizer, layout, r.jit)
     eval_step = step_lib.make_eval_step(r.model)
-    metrics = _Metrics(c.run.dir, c.train.steps, append=r.start > 0)
+    metrics = _Metrics(c.run.dir, c.train.steps, r.start)
     flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * layout.tokens_per_step
     last, skipped = {"step": r.start, "loss": None}, 0
     t_log, steps_since_log = time.perf_counter(), 0
@@ -212,13 +212,27 @@ def _perplexity(loss):
     return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
 
 
+def _step_of(line):
+    """The step of a metrics.jsonl line; past every step for one a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 class _Metrics:
     """Rank 0's metrics.jsonl (one JSON object per logged step), TensorBoard and console."""
 
-    def __init__(self, run_dir, steps, append):
+    def __init__(self, run_dir, steps, start):
         self.on, self.steps = dist.is_chief(), steps
         if self.on:
-            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a" if append else "w")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if start and os.path.exists(path):
+                # A run that died after its last checkpoint logged steps that are now redone.
+                with open(path) as f:
+                    kept = [line for line in f if _step_of(line) <= start]
+                write_bytes(path, "".join(kept).encode())
+            self.file = open(path, "a" if start else "w")
             self.tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
 
     def write(self, r):

@@ -3,7 +3,8 @@
     python tests/mp_worker.py train OUT [section.key=value ...]
         trains configs/micro.yaml with the overrides; OUT/rank<r>.npz = final weights,
         OUT/rank<r>-copies.json = how many device copies each weight has, their spread and
-        the bytes of the optimizer's variables on this rank
+        the bytes of the optimizer's variables on this rank; with CRASH_IN_SAVE_RANK=r set,
+        rank r exits in its first checkpoint save, right after writing its share
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
         step (and stage 0 on the same gradients); float32 at stage 1: a NaN in one rank's
@@ -31,10 +32,17 @@ def weights(model):
 
 
 def train(out, overrides):
-    from hvd_llama import config, distributed as dist, optim, replicas, trainer
+    from hvd_llama import checkpoint, config, distributed as dist, optim, replicas, trainer
     cfg = config.load(MICRO, overrides)
     dist.init(cfg.dist, cfg.run.dir)
     replicas.setup(cfg.dist, dist.local_rank(), dist.local_size())
+    if os.environ.get("CRASH_IN_SAVE_RANK") == str(dist.rank()):
+        write = checkpoint._write
+
+        def write_then_die(*args):  # dies with its share written, the others in the barrier
+            write(*args)
+            os._exit(3)
+        checkpoint._write = write_then_die
     r = trainer.setup(cfg)
     trainer.finish(cfg, r, trainer.loop(cfg, r))
     model = r.model

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (MICRO, WORKER, arrays, assert_one_line_error, assert_trains_like,
-                      horovodrun, rel_err, run, stopped_after_step_2, train_args, train_cli)
+from conftest import (HOROVODRUN, MICRO, WORKER, arrays, assert_one_line_error,
+                      assert_trains_like, horovodrun, losses, rel_err, run, stopped_after_step_2,
+                      train_args, train_cli)
 
 HYBRID = ["dist.strategy=hybrid", "dist.logical_cpus=2"]
 
@@ -76,6 +77,27 @@ def test_a_checkpoint_resumes_at_every_stage_strategy_and_process_count(
                                      "dist.logical_cpus=2", "train.grad_accum=2",
                                      "train.resume=true")])
     assert_trains_like(out, one_process)
+
+
+def test_a_rank_dying_mid_save_leaves_the_previous_checkpoint_the_latest(
+        one_process, tmp_path, cache_dir):
+    """Rank 1 dies in the step-4 save of a stage-1 run, with its share written and rank 0 in
+    the barrier: the step-2 checkpoint stays the latest complete one, and resuming from it
+    ends where the uninterrupted run ends, its metrics included (steps 3-4 logged once)."""
+    from hvd_llama import checkpoint
+    out = stopped_after_step_2(one_process, str(tmp_path))
+    run_dir = os.path.join(out, "run")
+    args = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable]
+    crashed = run([*args, *train_args(out, cache_dir, "dist.zero=1", "train.resume=true",
+                                      steps=4)], check=False, env={"CRASH_IN_SAVE_RANK": "1"})
+    assert crashed.returncode != 0
+    assert len(losses(out)) == 4  # steps 3 and 4 were logged before the save
+    checkpoints = os.listdir(checkpoint.directory(run_dir))
+    assert "step-00000004" not in checkpoints
+    assert checkpoint.latest(run_dir).endswith("step-00000002")
+    run([*args, *train_args(out, cache_dir, "dist.zero=1", "train.resume=true")])
+    assert_trains_like(out, one_process)
+    assert not [n for n in os.listdir(checkpoint.directory(run_dir)) if "partial" in n]
 
 
 TOKENS = np.random.default_rng(0).integers(0, 8000, (2, 16)).astype(np.int32)
