@@ -4,9 +4,9 @@ this host, one after another in one invocation, at the same global batch:
   speed    configs/tiny.yaml and configs/small.yaml, 1 and 2 micro-batches a step: tokens/s and
            the step split into compute, communication (allreduce; or reduce-scatter, the
            norm's allreduce and all-gather) and the update; ratios against dist.zero=0
-  memory   a 142M-parameter model at 1 x 64 tokens per process and step, where AdamW's state
-           dominates: peak RSS per process, and its drop from dist.zero=0 against the drop
-           the dry run predicts
+  memory   a 142M-parameter model at 1 x 64 tokens per process and micro-batch, 1 and 2
+           micro-batches a step, where AdamW's state dominates: peak RSS per process, and its
+           drop from dist.zero=0 against the drop the dry run predicts
 
 Each row is `python -m hvd_llama.bench` in a fresh process. Writes
 bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
@@ -25,10 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
 SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
-# configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks.
+# configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
+# sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
-          "model.num_query_heads=16", "model.num_key_value_heads=16", "data.seq_len=64",
-          f"train.global_batch={PROCESSES}"]
+          "model.num_query_heads=16", "model.num_key_value_heads=16", "data.seq_len=64"]
 
 
 def main():
@@ -43,7 +43,9 @@ def main():
             for name, config in (("tiny", os.path.join(REPO, "configs", "tiny.yaml")),
                                  ("small", small))
             for zero, accum in SPEED]
-    runs += [("142M", small, MEMORY, zero) for zero in (0, 1, 2)]
+    runs += [("142M", small, [*MEMORY, f"train.global_batch={PROCESSES * accum}",
+                              f"train.grad_accum={accum}"], zero)
+             for accum in (1, 2) for zero in (0, 1, 2)]
     rows = []
     for name, config, overrides, zero in runs:
         b = hvd_llama_bench(["--config", config, "--steps", str(args.steps),
