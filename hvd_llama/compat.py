@@ -18,6 +18,9 @@ Hooks (the function here: who calls it, and what it relies on)
   tf.Variable at `.value`; Horovod's ops take only tf.Variables.
 - recompute_in_backward: model.build (train.remat). A decoder block's `call` replaced on the
   instance by a tf.recompute_grad wrapper; keras.RematScope fails on keras-hub in graph mode.
+- reduce_in_backward: zero.stream_gradients (dist.zero=2). A layer's `call` replaced on the
+  instance by a tf.custom_gradient wrapper whose backward pass reduce-scatters the layer's
+  weight gradients as soon as they exist.
 - build_cache: generate.make_generate. keras-hub's private prefill, LlamaCausalLM._build_cache.
 - index_shuffle: data.sequence_ids. The raw RandomIndexShuffle op: the public
   tf.random.experimental.index_shuffle mangles a batch of seeds.
@@ -109,6 +112,39 @@ def recompute_in_backward(block):
         return recompute(decoder_sequence, decoder_padding_mask)
 
     block.call = block_call
+
+
+# Keras 3.15 runs a layer's instance `call` from __call__ (inside its autocast scope); TF 2.21's
+# tf.custom_gradient in graph mode passes the grad function the variables read in the forward
+# and takes None as their gradients.
+def reduce_in_backward(layer, sink, active):
+    """Make a layer hand its weights' gradients to sink(weights, gradients) in its backward pass
+    (those this call used; the tape gets None for them), by replacing its instance's `call`,
+    while active() is true when the call is traced. Otherwise the layer runs as written."""
+    import tensorflow as tf
+    call, weights = layer.call, layer.trainable_variables
+
+    def reducing_call(x, *args, **kwargs):
+        if not active():
+            return call(x, *args, **kwargs)
+
+        @tf.custom_gradient
+        def forward(x):
+            with tf.GradientTape() as tape:
+                if x.dtype.is_floating:  # not the token ids
+                    tape.watch(x)
+                y = call(x, *args, **kwargs)
+
+            def backward(dy, variables=None):
+                dx, *grads = tape.gradient(y, [x, *weights], output_gradients=dy)
+                used = [(w, tf.convert_to_tensor(g)) for w, g in zip(weights, grads)
+                        if g is not None]  # an untied embedding's two calls use one each
+                sink([w for w, _ in used], [g for _, g in used])
+                return dx, [None] * len(variables)
+            return y, backward
+        return forward(x)
+
+    layer.call = reducing_call
 
 
 # keras-hub 0.32 has no public prefill: the private LlamaCausalLM._build_cache(token_ids)

@@ -33,3 +33,11 @@ def build(mc, seed, precision="float32", remat=False):
         for block in backbone.transformer_layers:
             compat.recompute_in_backward(block)
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def weight_layers(model):
+    """The layers of a LlamaCausalLM whose calls use all its trainable weights, each call
+    using its own: the token embedding (also the output projection), the decoder blocks and
+    the final norm."""
+    backbone = model.backbone
+    return [backbone.token_embedding, *backbone.transformer_layers, backbone.layer_norm]

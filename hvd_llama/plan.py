@@ -43,8 +43,8 @@ def memory_per_replica(c, layout):
     (mixed precision keeps float32 weights and casts per op):
       weights     4n; from stage 1 also a copy of this process's share (n/N), which the
                   optimizer updates before the all-gather
-      gradients   one micro-batch's 4n, and, when k > 1, 4n more to accumulate into (stage 2:
-                  4n/N, the accumulated share only)
+      gradients   stages 0-1: one micro-batch's 4n, and 4n more to accumulate into when k > 1;
+                  stage 2: the accumulated share 4n/N, and those not yet reduce-scattered
       optimizer   AdamW's two moments, 8n; from stage 1 of the share only
     Under dist.strategy hybrid and mirrored every device holds all of this (the process's
     share of the optimizer state included): the figures are per device.
@@ -55,11 +55,10 @@ def memory_per_replica(c, layout):
     mc, s, b, zero = c.model, c.data.seq_len, layout.micro, layout.zero
     n = param_count(mc)
     share = -(-n // layout.processes)  # the first ranks hold a row more of some tensors
-    # A micro-batch's whole gradient exists before any of it is reduced: TensorFlow's backward
-    # pass hands it over at once (measured, BENCHMARKS.md "ZeRO"). Stage 2 then keeps only the
-    # accumulated share, and with one micro-batch it is stage 1.
-    accumulator = (4 * share if zero == 2 else 4 * n) if layout.grad_accum > 1 else 0
-    gradients = 4 * n + accumulator
+    if zero == 2:
+        gradients = 4 * share + _gradients_in_flight(c, layout)
+    else:
+        gradients = 4 * n * (2 if layout.grad_accum > 1 else 1)
     width = 4 if c.train.precision == "float32" else 2
     block = s * b * mc.hidden_dim * (34 + 5 * mc.num_query_heads * s / mc.hidden_dim) * width / 2
     blocks = (mc.num_layers * s * b * mc.hidden_dim * width + block) if c.train.remat \
@@ -67,6 +66,19 @@ def memory_per_replica(c, layout):
     logits = 2 * b * s * mc.vocab_size * 4
     return {"weights": 4 * n + (4 * share if zero else 0), "gradients": gradients,
             "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
+
+
+def _gradients_in_flight(c, layout):
+    """Bytes of stage 2's gradients alive before their reduce-scatter. A compiled backward pass
+    (train.jit_compile=true; "auto" compiles nothing at stage 2) returns a micro-batch's whole
+    gradient at once, and so does the in-process mean over several devices (hybrid). Otherwise
+    each block's is reduce-scattered as soon as the backward pass has it, so count two in
+    flight (one reducing while the next is computed), each as large as a block's plus an
+    embedding matrix's (the largest tensor)."""
+    mc = c.model
+    if c.train.jit_compile == "true" or layout.devices > 1:
+        return 4 * param_count(mc)
+    return 2 * 4 * (_block_params(mc) + mc.vocab_size * mc.hidden_dim)
 
 
 def _total(c, layout):
@@ -102,11 +114,11 @@ def what_fits(c, layout, capacity):
     and check_fits both print the words."""
     found = next((x for x in _alternatives(c, layout) if _total(c, x) <= capacity), None)
     if found is None:
-        floor = 8 * param_count(c.model)
-        if floor > capacity:
-            return None, (f"nothing fits, as the float32 weights and one micro-batch's gradient "
-                          f"alone are {floor / GIB:.1f} GiB (ZeRO stages 1-2 shard only the "
-                          "optimizer state and the accumulated gradient)")
+        weights = 4 * param_count(c.model)
+        if weights > capacity:
+            return None, (f"nothing fits, as the float32 weights alone are "
+                          f"{weights / GIB:.1f} GiB (ZeRO stages 1-2 shard only gradients and "
+                          "optimizer state)")
         if c.dist.strategy == "mirrored":
             return None, "no micro-batch fits (dist.strategy=mirrored: one process, no ZeRO)"
         return None, "no ZeRO stage, micro-batch or power-of-two process count fits"

@@ -39,20 +39,23 @@ def make_gradients(model, layout, jit_compile=False):
     def micro_step(tokens, scale):
         with tf.GradientTape() as tape:
             loss = token_loss(model, tokens, training=True)
-            scaled_loss = loss * scale  # float16: lift small gradients above underflow
+            scaled_loss = loss * scale
         # The embedding's gradient comes as IndexedSlices; the accumulator and the
         # all-reduces want it dense.
         return loss, [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
 
     @tf.function(jit_compile=jit_compile)
     def replica_gradients(micro_batches, scale):  # [k, b, seq_len + 1]: this replica's
-        loss, grads = micro_step(micro_batches[0], scale)
+        # Equal micro-batches: the mean of their means. 1/k goes into the loss's scale (with
+        # float16's, which lifts small gradients above underflow) rather than into a division
+        # of the sum, which would hold a second whole gradient.
+        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
+        loss, grads = micro_step(micro_batches[0], scale / k)
         for j in tf.range(1, tf.shape(micro_batches)[0]):  # a graph loop, not k copies
-            more_loss, more = micro_step(micro_batches[j], scale)
+            more_loss, more = micro_step(micro_batches[j], scale / k)
             loss += more_loss
             grads = [g + m for g, m in zip(grads, more)]
-        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
-        return loss / k, [g / k for g in grads]  # equal micro-batches: the mean of means
+        return loss / k, grads
 
     def replica(micro_batches, scale):
         ctx = tf.distribute.get_replica_context()
@@ -76,9 +79,13 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
     variables = model.trainable_variables
     scaled = hasattr(optimizer, "dynamic_scale")  # float16
-    gradients = make_gradients(model, layout, jit_compile)
-    if layout.zero == 2:
-        gradients = zero.share_gradients(gradients, optimizer)
+    if layout.zero == 2 and layout.devices == 1 and not jit_compile:
+        gradients = zero.stream_gradients(
+            model, optimizer, lambda tokens: token_loss(model, tokens, training=True))
+    elif layout.zero == 2:
+        gradients = zero.share_gradients(make_gradients(model, layout, jit_compile), optimizer)
+    else:
+        gradients = make_gradients(model, layout, jit_compile)
 
     @tf.function
     def train_step(micro_batches):
@@ -104,7 +111,9 @@ def build(c, layout):
                 optim.build(c.train, optim.schedule(c.train), variables),
                 compression=c.dist.compression)
             optimizer.build(variables)  # its variables exist before a restore
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    # "auto" leaves XLA off under stage 2: compiled, the backward pass cannot reduce-scatter
+    # each layer's gradients as it goes (zero.stream_gradients).
+    on_gpu = bool(tf.config.list_physical_devices("GPU")) and layout.zero != 2
     jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
     return model, optimizer, jit
 

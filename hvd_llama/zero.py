@@ -18,7 +18,7 @@ and one small allreduce adds the N sums up, so every process takes the same deci
 import keras
 import tensorflow as tf
 
-from hvd_llama import compat, distributed as dist, optim
+from hvd_llama import compat, distributed as dist, model as model_lib, optim
 
 
 class ShardedOptimizer:
@@ -92,32 +92,75 @@ class ShardedOptimizer:
         return norm
 
 
+def stream_gradients(model, optimizer, loss_fn):
+    """Stage 2 with one device per process and no XLA: (micro-batches, scale) -> (mean loss,
+    this process's share of the mean gradients) for ShardedOptimizer `optimizer`, with
+    loss_fn(tokens) the loss of one micro-batch. Each layer's backward pass reduce-scatters its
+    weights' gradients as soon as it has them and adds this process's share into an
+    accumulator (compat.reduce_in_backward), so a whole gradient never exists: 4n/N bytes of
+    accumulated shares and the gradients of the layers not yet reduced, for one reduce-scatter
+    per micro-batch."""
+    variables = optimizer.variables
+    where = {id(v): i for i, v in enumerate(variables)}
+    layers = model_lib.weight_layers(model)
+    if {id(w) for layer in layers for w in layer.trainable_variables} != set(where):
+        raise RuntimeError("zero.stream_gradients: model.weight_layers misses some weights")
+    accumulated = [tf.Variable(tf.zeros_like(s), trainable=False) for s in optimizer.shares]
+    tracing = [False]  # the layers reduce only in the backward pass traced below
+
+    def sink(weights, grads):
+        for w, share in zip(weights, dist.reducescatter_gradients(grads, optimizer.compression)):
+            accumulated[where[id(w)]].assign_add(share)
+
+    for layer in layers:
+        compat.reduce_in_backward(layer, sink, lambda: tracing[0])
+
+    def micro_step(tokens, scale):
+        tracing[0] = True
+        try:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(tokens)
+                scaled_loss = loss * scale
+            tape.gradient(scaled_loss, variables)  # the gradients go to sink, None here
+        finally:
+            tracing[0] = False
+        return loss
+
+    @tf.function
+    def shared(micro_batches, scale):
+        for a in accumulated:
+            a.assign(tf.zeros_like(a))
+        loss, k = tf.constant(0.0), tf.cast(tf.shape(micro_batches)[0], tf.float32)
+        for j in tf.range(tf.shape(micro_batches)[0]):
+            # One micro-batch at a time: Horovod names a collective after its op, and two
+            # iterations in flight at once would present the same names twice.
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            loss += micro_step(micro_batches[j], scale / k)  # 1/k as in make_gradients
+        return loss / k, [a.read_value() for a in accumulated]
+
+    return shared
+
+
 def share_gradients(gradients, optimizer):
-    """Stage 2: make_gradients' function turned into (micro-batches, scale) -> (mean loss, this
-    process's share of the mean gradients) for ShardedOptimizer `optimizer`. Each micro-batch's
-    gradients are reduce-scattered before the next one's are computed, and only the share is
-    accumulated: 1/N of the accumulator's memory, for one reduce-scatter per micro-batch, not
-    per step."""
+    """Stage 2 under dist.strategy=hybrid or XLA: make_gradients' function turned into
+    (micro-batches, scale) -> (mean loss, this process's share of the mean gradients) for
+    ShardedOptimizer `optimizer`. Each micro-batch's whole gradient (averaged over the
+    process's devices) is reduce-scattered before the next micro-batch runs and only the share
+    is accumulated: 1/N of the accumulator's memory, for one reduce-scatter per micro-batch."""
     shapes = [[b - a, *v.shape[1:]] for v, (a, b) in zip(optimizer.variables, optimizer.rows)]
 
     @tf.function
     def shared(micro_batches, scale):
-        # One micro-batch: nothing to accumulate, so stage 1's step without the loop below,
-        # whose body held 0.13 GiB more at 142M parameters (BENCHMARKS.md, "ZeRO").
-        if micro_batches.shape[0] == 1:
-            loss, grads = gradients(micro_batches, scale)
-            return loss, dist.reducescatter_gradients(grads, optimizer.compression)
-        k = tf.shape(micro_batches)[0]
         loss, acc = tf.constant(0.0), [tf.zeros(s) for s in shapes]
-        for j in tf.range(k):
+        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
+        for j in tf.range(tf.shape(micro_batches)[0]):
             # One micro-batch at a time: Horovod names a collective after its op, and two
             # iterations in flight at once would present the same names twice.
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            more_loss, grads = gradients(micro_batches[j:j + 1], scale)
+            more_loss, grads = gradients(micro_batches[j:j + 1], scale / k)  # as stage 1's
             loss += more_loss
             acc = [x + s for x, s in zip(
                 acc, dist.reducescatter_gradients(grads, optimizer.compression))]
-        k = tf.cast(k, tf.float32)
-        return loss / k, [x / k for x in acc]
+        return loss / k, acc
 
     return shared

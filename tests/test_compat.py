@@ -302,3 +302,35 @@ def test_a_mirrored_keras_variable_is_backed_by_one_tf_variable_over_its_copies(
     and assigning it (as Horovod's broadcast does) writes every device's copy."""
     assert mirrored["backing_is_tf_variable"]
     assert mirrored["copies"] == [[3.0, 4.0], [3.0, 4.0]]
+
+
+def test_a_layer_hands_its_weight_gradients_to_the_sink_in_its_backward_pass():
+    """reduce_in_backward: in a tf.function, a Keras layer's backward pass gives the sink each
+    weight's gradient (equal to the plain one) and the tape None; inactive, the layer runs as
+    written and the tape gets the gradients."""
+    import keras
+    import tensorflow as tf
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    x = tf.random.stateless_normal([2, 4], seed=[1, 2])
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(layer(x) ** 2)
+        return tape.gradient(y, layer.trainable_variables)
+
+    plain = gradients(x)
+    sunk = {id(w): tf.Variable(tf.zeros_like(w)) for w in layer.trainable_variables}
+
+    def sink(weights, grads):
+        for w, g in zip(weights, grads):
+            sunk[id(w)].assign_add(g)
+
+    active = [True]
+    compat.reduce_in_backward(layer, sink, lambda: active[0])
+    assert tf.function(gradients)(x) == [None, None]
+    for w, g in zip(layer.trainable_variables, plain):
+        np.testing.assert_allclose(sunk[id(w)].numpy(), g.numpy(), rtol=1e-6)
+    active[0] = False
+    for a, b in zip(tf.function(gradients)(x), plain):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
