@@ -1,9 +1,9 @@
 """A training run in three phases, each read top to bottom: setup, loop, finish.
 
 Every rank runs every phase and writes its share of each checkpoint; only rank 0 prints and
-writes the other files. The collectives, which every
-rank must reach in the same order, are all visible here (and numbered in `setup`'s docstring);
-the step's own allreduce is inside `optimizer.apply` (step.py).
+writes the other files. The collectives, which every rank must reach in the same order, are
+all visible here (and numbered in `setup`'s docstring); the step's own collectives are inside
+`optimizer.apply` and, at dist.zero=2, in the backward pass (step.py, zero.py).
 """
 
 import dataclasses
