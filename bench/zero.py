@@ -11,7 +11,7 @@ this host, one after another in one invocation, at the same global batch:
 Each row is `python -m hvd_llama.bench` in a fresh process. Writes
 bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
 
-    .venv/bin/python bench/zero.py [--steps 3]
+    .venv/bin/python bench/zero.py [--steps N]   (default: 20 for tiny, whose step is short, 3 else)
 """
 
 import argparse
@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
 SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
+STEPS = {"tiny": 20, "small": 3, "142M": 3}  # timed steps: tiny's are 0.5 s and noisy
 # configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
 # sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
@@ -34,7 +35,7 @@ MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_di
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, help="timed steps of every row")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--benchmarks", default=os.path.join(REPO, "BENCHMARKS.md"))
     args = parser.parse_args()
@@ -48,16 +49,19 @@ def main():
              for accum in (1, 2) for zero in (0, 1, 2)]
     rows = []
     for name, config, overrides, zero in runs:
-        b = hvd_llama_bench(["--config", config, "--steps", str(args.steps),
-                             *overrides, f"dist.zero={zero}"], PROCESSES, "gloo")
+        # jit_compile=false is what "auto" does on a CPU; said, the dry run plans for it.
+        b = hvd_llama_bench(["--config", config, "--steps", str(args.steps or STEPS[name]),
+                             *overrides, "train.jit_compile=false", f"dist.zero={zero}"],
+                            PROCESSES, "gloo")
         rows.append({"config": name, "zero": zero, "grad_accum": b["grad_accum"],
                      "tokens_per_s": b["tokens_per_s"], "step_s": b["step_s"],
                      "compute_s": b["compute_s"], "communication_s": b["communication_s"],
                      "other_s": b["other_s"], "peak_rss_gib": b["peak_rss_gib"],
                      "planned_gib": b["planned_gib"], "global_batch": b["global_batch"],
-                     "seq_len": b["seq_len"]})
+                     "seq_len": b["seq_len"], "steps": b["steps"]})
         print(json.dumps(rows[-1]), flush=True)
-    publish(rows, args.steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
+    steps = args.steps or ", ".join(f"{n} {k}" for n, k in STEPS.items())
+    publish(rows, steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
 
 
 def table(result):
@@ -65,7 +69,7 @@ def table(result):
         return next(p for p in result["rows"] if p["config"] == r["config"]
                     and p["grad_accum"] == r["grad_accum"] and p["zero"] == 0)
 
-    lines = [f"float32, {PROCESSES} processes (Gloo), {result['steps']} timed steps, "
+    lines = [f"float32, {PROCESSES} processes (Gloo), timed steps: {result['steps']}, "
              f"{result['cpus']} CPUs, {result['host']}, {result['date']}; ratios against "
              "dist.zero=0 of the same config and micro-batches:", "",
              "| config (global batch x seq) | dist.zero | micro-batches | tokens/s | x zero=0 "

@@ -43,8 +43,9 @@ def memory_per_replica(c, layout):
     (mixed precision keeps float32 weights and casts per op):
       weights     4n; from stage 1 also a copy of this process's share (n/N), which the
                   optimizer updates before the all-gather
-      gradients   stages 0-1: one micro-batch's 4n, and 4n more to accumulate into when k > 1;
-                  stage 2: the accumulated share 4n/N, and those not yet reduce-scattered
+      gradients   stages 0-1: 4n, and with k > 1 a micro-batch's gradients not yet added to
+                  them; stage 2: the accumulated share 4n/N, and those not yet reduce-scattered
+                  (_gradients)
       optimizer   AdamW's two moments, 8n; from stage 1 of the share only
     Under dist.strategy hybrid and mirrored every device holds all of this (the process's
     share of the optimizer state included): the figures are per device.
@@ -55,10 +56,7 @@ def memory_per_replica(c, layout):
     mc, s, b, zero = c.model, c.data.seq_len, layout.micro, layout.zero
     n = param_count(mc)
     share = -(-n // layout.processes)  # the first ranks hold a row more of some tensors
-    if zero == 2:
-        gradients = 4 * share + _gradients_in_flight(c, layout)
-    else:
-        gradients = 4 * n * (2 if layout.grad_accum > 1 else 1)
+    gradients = _gradients(c, layout, n, share)
     width = 4 if c.train.precision == "float32" else 2
     block = s * b * mc.hidden_dim * (34 + 5 * mc.num_query_heads * s / mc.hidden_dim) * width / 2
     blocks = (mc.num_layers * s * b * mc.hidden_dim * width + block) if c.train.remat \
@@ -68,17 +66,24 @@ def memory_per_replica(c, layout):
             "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
 
 
-def _gradients_in_flight(c, layout):
-    """Bytes of stage 2's gradients alive before their reduce-scatter. A compiled backward pass
-    (train.jit_compile=true; "auto" compiles nothing at stage 2) returns a micro-batch's whole
-    gradient at once, and so does the in-process mean over several devices (hybrid). Otherwise
-    each block's is reduce-scattered as soon as the backward pass has it, so count two in
-    flight (one reducing while the next is computed), each as large as a block's plus an
-    embedding matrix's (the largest tensor)."""
+def _gradients(c, layout, n, share):
+    """Bytes of gradients alive at once. Uncompiled, TensorFlow runs each layer's share of the
+    backward pass as soon as its inputs are ready: a layer's gradients are reduce-scattered
+    (stage 2 on one device per process) or added to the accumulator (k > 1) as they come, so
+    about two layers' are in flight, one being consumed while the next is computed. Compiled
+    (XLA: train.jit_compile=true, and "auto" on GPUs except at stage 2: planned for as on a
+    GPU), a micro-batch's whole gradient comes at once; at stage 2 it also does from the
+    in-process mean over devices (hybrid), which stage 2 reduce-scatters."""
     mc = c.model
-    if c.train.jit_compile == "true" or layout.devices > 1:
-        return 4 * param_count(mc)
-    return 2 * 4 * (_block_params(mc) + mc.vocab_size * mc.hidden_dim)
+    block, embedding = _block_params(mc), mc.vocab_size * mc.hidden_dim
+    # The backward order: output embedding, final norm, blocks, input embedding.
+    two_layers = 4 * (block + max(block, embedding))
+    if layout.zero == 2:
+        streamed = c.train.jit_compile != "true" and layout.devices == 1
+        return 4 * share + (two_layers if streamed else 4 * n)
+    if layout.grad_accum == 1:
+        return 4 * n
+    return 4 * n + (two_layers if c.train.jit_compile == "false" else 4 * n)
 
 
 def _total(c, layout):

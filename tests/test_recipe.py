@@ -142,6 +142,9 @@ def test_horovod_knobs_become_horovod_variables():
     assert distributed.horovod_env(auto, "/r", gpus=True)["HOROVOD_CYCLE_TIME"] == "1.0"
     assert distributed.horovod_env(auto, "/r")["HOROVOD_CYCLE_TIME"] == \
         str(distributed.CPU_CYCLE_TIME_MS)
+    zero = config.load(None, ["dist.zero=1"]).dist
+    assert distributed.horovod_env(zero, "/r")["HOROVOD_CYCLE_TIME"] == \
+        str(distributed.CPU_ZERO_CYCLE_TIME_MS) != str(distributed.CPU_CYCLE_TIME_MS)
     env = distributed.horovod_env(config.load(None, ["dist.autotune=true"]).dist, "/r")
     assert env == {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": "/r/autotune.csv"}
 
