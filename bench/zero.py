@@ -8,7 +8,7 @@ this host, one after another in one invocation, at the same global batch:
            micro-batches a step, where AdamW's state dominates: peak RSS per process, and its
            drop from dist.zero=0 against the drop the dry run predicts
 
-Each row is `python -m hvd_llama.bench` in a fresh process. Writes
+Each run is `python -m hvd_llama.bench` in a fresh process (REPEATS of them per row). Writes
 bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
 
     .venv/bin/python bench/zero.py [--steps N]   (default: 20 for tiny, whose step is short, 3 else)
@@ -26,6 +26,9 @@ BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
 SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
 STEPS = {"tiny": 20, "small": 3, "142M": 3}  # timed steps: tiny's are 0.5 s and noisy
+# Runs of each row, one stage after another in turn; the row is the run of median tokens/s.
+# On a shared 2-vCPU VM a whole run of tiny is sometimes 20% slow: one run is not a figure.
+REPEATS = {"tiny": 3, "small": 1, "142M": 1}
 # configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
 # sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
@@ -47,6 +50,8 @@ def main():
     runs += [("142M", small, [*MEMORY, f"train.global_batch={PROCESSES * accum}",
                               f"train.grad_accum={accum}"], zero)
              for accum in (1, 2) for zero in (0, 1, 2)]
+    runs = [run for name in STEPS for _ in range(REPEATS[name])
+            for run in runs if run[0] == name]
     rows = []
     for name, config, overrides, zero in runs:
         # jit_compile=false is what "auto" does on a CPU; said, the dry run plans for it.
@@ -61,7 +66,21 @@ def main():
                      "seq_len": b["seq_len"], "steps": b["steps"]})
         print(json.dumps(rows[-1]), flush=True)
     steps = args.steps or ", ".join(f"{n} {k}" for n, k in STEPS.items())
-    publish(rows, steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
+    publish(median_runs(rows), steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
+
+
+def median_runs(rows):
+    """One row per config, stage and micro-batches: the run of median tokens/s, with the
+    tokens/s of all runs."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["zero"], r["grad_accum"]), []).append(r)
+    median = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r["tokens_per_s"])
+        median.append({**runs[len(runs) // 2], "runs_tokens_per_s": [
+            r["tokens_per_s"] for r in runs]})
+    return median
 
 
 def table(result):
@@ -69,10 +88,14 @@ def table(result):
         return next(p for p in result["rows"] if p["config"] == r["config"]
                     and p["grad_accum"] == r["grad_accum"] and p["zero"] == 0)
 
+    def spread(runs):
+        return f" ({len(runs)}: {runs[0]:,.0f}-{runs[-1]:,.0f})" if len(runs) > 1 else ""
+
     lines = [f"float32, {PROCESSES} processes (Gloo), timed steps: {result['steps']}, "
              f"{result['cpus']} CPUs, {result['host']}, {result['date']}; ratios against "
              "dist.zero=0 of the same config and micro-batches:", "",
-             "| config (global batch x seq) | dist.zero | micro-batches | tokens/s | x zero=0 "
+             "| config (global batch x seq) | dist.zero | micro-batches "
+             "| tokens/s (median of runs: range) | x zero=0 "
              "| compute ms | communication ms | update ms | peak RSS per process, GiB "
              "| drop from zero=0, GiB: measured / dry run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -82,7 +105,7 @@ def table(result):
                 f"{p['planned_gib'] - r['planned_gib']:.2f}" if r["zero"] else "")
         lines.append(
             f"| {r['config']} ({r['global_batch']} x {r['seq_len']}) | {r['zero']} | "
-            f"{r['grad_accum']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['grad_accum']} | {r['tokens_per_s']:,.0f}{spread(r['runs_tokens_per_s'])} | "
             f"{r['tokens_per_s'] / p['tokens_per_s']:.2f} | {1000 * r['compute_s']:,.0f} | "
             f"{1000 * r['communication_s']:,.0f} | {1000 * r['other_s']:,.0f} | "
             f"{r['peak_rss_gib']:.2f} | {drop} |")

@@ -55,12 +55,11 @@ def init(dc=None, run_dir=".", threads=0):
             threads or max(1, os.cpu_count() // local_size()))
 
 
-# dist.cycle_time_ms=0 without GPUs: Horovod's thread, woken every 1 ms, takes cores from compute,
-# while one allreduce per step waits at most one cycle more (BENCHMARKS.md, "Horovod's cycle time").
+# dist.cycle_time_ms=0 without GPUs: Horovod's thread, woken every 1 ms, takes cores from compute
+# (BENCHMARKS.md, "Horovod's cycle time"). On such hosts our build's HOROVOD_CYCLE_WAKE
+# (docker/horovod/cycle-wake-on-enqueue.patch) starts a cycle as soon as a collective is
+# enqueued, so a long cycle delays none: dist.zero's three collectives in a row included.
 CPU_CYCLE_TIME_MS = 20.0
-# Under dist.zero 1-2 a step waits on three collectives in a row (reduce-scatter, the norm's
-# allreduce, all-gather), each up to a cycle: a shorter one (BENCHMARKS.md, "ZeRO").
-CPU_ZERO_CYCLE_TIME_MS = 5.0
 
 
 def horovod_env(dc, run_dir, gpus=False):
@@ -71,8 +70,10 @@ def horovod_env(dc, run_dir, gpus=False):
         env["HOROVOD_AUTOTUNE_LOG"] = os.path.join(run_dir, "autotune.csv")
     else:
         env["HOROVOD_FUSION_THRESHOLD"] = str(dc.fusion_threshold_mb * 1024 * 1024)
-        cpu = CPU_ZERO_CYCLE_TIME_MS if dc.zero else CPU_CYCLE_TIME_MS
-        env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms or (1.0 if gpus else cpu))
+        env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms
+                                        or (1.0 if gpus else CPU_CYCLE_TIME_MS))
+        if not gpus:  # where a cycle also batches gradients as they come, it keeps its wait
+            env["HOROVOD_CYCLE_WAKE"] = "1"
     if dc.timeline:
         env["HOROVOD_TIMELINE"] = os.path.join(run_dir, dc.timeline)
     return env

@@ -37,10 +37,10 @@ def run(cmd, check=True, timeout=900, env=None):
     return proc
 
 
-def horovodrun(controller, args, check=True):
+def horovodrun(controller, args, check=True, env=None):
     """`horovodrun -np 2 -H localhost:2 --gloo|--mpi python ARGS`."""
     return run([HOROVODRUN, "-np", "2", "-H", "localhost:2", f"--{controller}",
-                sys.executable, *args], check=check)
+                sys.executable, *args], check=check, env=env)
 
 
 def rank_lines(proc):

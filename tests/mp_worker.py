@@ -7,19 +7,22 @@
         rank r exits in its first checkpoint save, right after writing its share
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
-        step (and stage 0 on the same gradients); float32 at stage 1: a NaN in one rank's
-        share; OUT/rank<r>.json says what each rank's optimizer did, OUT/zero<s>-rank<r>.npz
-        holds the weights after
+        step (and stage 0 on the same gradients); the float16 training step at stages 0 and
+        2, from an overflow; float32 at stage 1: a NaN in one rank's share; OUT/rank<r>.json
+        says what each rank's optimizer did, OUT/zero<s>-rank<r>.npz and
+        OUT/stream<s>-rank<r>.npz hold the weights after
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
-        broadcast, gradient averaging (average/sum/fp16), clipping, NaN/overflow skips and
-        model.fit with the DistributedOptimizer; OUT/rank<r>.npz holds the arrays
+        broadcast, gradient averaging (average/sum/fp16), clipping, NaN/overflow skips,
+        model.fit with the DistributedOptimizer and ten allreduces in a row (their seconds);
+        OUT/rank<r>.npz holds the arrays
 """
 
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -149,13 +152,20 @@ def collectives(out):
     x = {"token_ids": mine[:, :-1], "padding_mask": np.ones_like(mine[:, :-1])}
     fit_model.fit(x, mine[:, 1:], batch_size=per, epochs=1, shuffle=False, verbose=0)
     res["fit"] = np.concatenate([w.ravel() for w in weights(fit_model)])
+
+    # Our build's HOROVOD_CYCLE_WAKE (the test sets it, with a long cycle): a collective starts
+    # a cycle when it is enqueued, so ten in a row take far less than ten cycles.
+    x, start = tf.constant([1.0]), time.perf_counter()
+    for _ in range(10):
+        x = dist.allreduce_sum(x)
+    res["ten_allreduces_s"] = time.perf_counter() - start
     np.savez(os.path.join(out, f"rank{r}.npz"), **res)
 
 
 def zero_overflow(out):
     import tensorflow as tf
     from hvd_llama import (config, distributed as dist, model as model_lib, optim, replicas,
-                           zero)
+                           step as step_lib, zero)
     from hvd_llama.layout import Layout
     dist.init()
     replicas.setup(None, dist.local_rank(), dist.local_size())
@@ -203,6 +213,26 @@ def zero_overflow(out):
             opt0.build(model0.trainable_variables)
             weights_after(opt0, model0, [overflow, finite])
             np.savez(os.path.join(out, f"zero0-rank{r}.npz"), *weights(model0))
+
+    # The training step in float16 at stage 2 (the backward pass reduce-scatters each layer's
+    # gradients as it goes: zero.stream_gradients) against stage 0's, 2 micro-batches of this
+    # rank's own tokens: a loss scale of 2^40 overflows in the backward pass (step skipped,
+    # scale halved), then 2 steps from a scale of 1024 apply.
+    tokens = tf.constant(np.random.default_rng(r).integers(0, 97, (2, 2, 33)), tf.int32)
+    for stage in (0, 2):
+        cfg = config.load(MICRO, ["train.precision=float16", "model.vocab_size=97",
+                                  "train.grad_accum=2", f"dist.zero={stage}"])
+        layout = Layout.of(cfg, dist.size(), 1, r)
+        model, opt, jit = step_lib.build(cfg, layout)
+        train_step = step_lib.make_train_step(model, opt, layout, jit)
+        seen = []
+        for scale in (2.0 ** 40, 1024.0, None):
+            if scale:
+                opt.dynamic_scale.assign(scale)
+            loss, norm, _ = train_step(tokens)
+            seen.append([float(loss), float(norm), float(opt.dynamic_scale.numpy())])
+        res[f"stream{stage}"] = seen
+        np.savez(os.path.join(out, f"stream{stage}-rank{r}.npz"), *weights(model))
 
     # float32: a NaN in rank 0's share alone; both ranks skip the step, both see a NaN norm.
     cfg = config.load(MICRO, ["model.vocab_size=97"])

@@ -7,6 +7,7 @@ devices) -> 1 (2) -> 0 (mirrored, 1 x 2).
 """
 
 import json
+import math
 import os
 import sys
 
@@ -127,8 +128,9 @@ def _stopped_at_step_4(reference, tmp_path):
 
 def test_an_overflow_or_nan_in_one_ranks_share_skips_the_step_on_every_rank(tmp_path):
     """float16 at stages 1 and 2: an Inf in rank 0's share alone skips the step and halves the
-    scale on both ranks; the next step (clipped) gives stage 0's weights. float32 at stage 1:
-    a NaN in rank 0's share alone skips the step on both. Shares of uneven size (97 rows)."""
+    scale on both ranks; the next step (clipped) gives stage 0's weights. The float16 training
+    step at stage 2 skips and applies as stage 0's does. float32 at stage 1: a NaN in rank 0's
+    share alone skips the step on both. Shares of uneven size (97 rows)."""
     out = str(tmp_path)
     horovodrun("gloo", [WORKER, "zero_overflow", out])
     ranks = []
@@ -149,6 +151,16 @@ def test_an_overflow_or_nan_in_one_ranks_share_skips_the_step_on_every_rank(tmp_
                         arrays(os.path.join(out, f"zero0-rank{rank}.npz")), strict=True):
             assert rel_err(a, b) < 1e-6
     assert [r["nan"] for r in ranks] == [{"changed": False, "norm": "nan"}] * 2
+    # The float16 training step, stage 2 streaming against stage 0: the same overflow skip
+    # (step 2's loss is step 1's: nothing applied), the same scales, then the same updates.
+    for r in ranks:
+        (loss1, norm1, scale1), (loss2, _, scale2), _ = r["stream2"]
+        assert math.isnan(norm1) and scale1 == 2.0 ** 39 and loss2 == loss1 and scale2 == 1024
+        np.testing.assert_allclose(r["stream2"], r["stream0"], rtol=1e-6)
+    for rank in (0, 1):
+        for a, b in zip(arrays(os.path.join(out, f"stream2-rank{rank}.npz")),
+                        arrays(os.path.join(out, f"stream0-rank{rank}.npz")), strict=True):
+            assert rel_err(a, b) < 1e-5
 
 
 def test_shares_split_rows_as_horovods_reduce_scatter_does():
