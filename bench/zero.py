@@ -8,7 +8,7 @@ this host, one after another in one invocation, at the same global batch:
            micro-batches a step, where AdamW's state dominates: peak RSS per process, and its
            drop from dist.zero=0 against the drop the dry run predicts
 
-Each run is `python -m hvd_llama.bench` in a fresh process (REPEATS of them per row). Writes
+Each run is `python -m hvd_llama.bench` in a fresh process (STEPS_RUNS: how many a row). Writes
 bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
 
     .venv/bin/python bench/zero.py [--steps N]   (default: 20 for tiny, whose step is short, 3 else)
@@ -25,10 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
 SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
-STEPS = {"tiny": 20, "small": 3, "142M": 3}  # timed steps: tiny's are 0.5 s and noisy
-# Runs of each row, one stage after another in turn; the row is the run of median tokens/s.
-# On a shared 2-vCPU VM a whole run of tiny is sometimes 20% slow: one run is not a figure.
-REPEATS = {"tiny": 3, "small": 1, "142M": 1}
+# Timed steps of each run (tiny's are 0.5 s and noisy), and runs of each row, one stage after
+# another in turn: the row is the run of median tokens/s. On a shared 2-vCPU VM a whole run of
+# tiny is sometimes 20% slow, so one run is not a figure.
+STEPS_RUNS = {"tiny": (20, 3), "small": (3, 1), "142M": (3, 1)}
 # configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
 # sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
@@ -50,12 +50,13 @@ def main():
     runs += [("142M", small, [*MEMORY, f"train.global_batch={PROCESSES * accum}",
                               f"train.grad_accum={accum}"], zero)
              for accum in (1, 2) for zero in (0, 1, 2)]
-    runs = [run for name in STEPS for _ in range(REPEATS[name])
+    runs = [run for name, (_, repeats) in STEPS_RUNS.items() for _ in range(repeats)
             for run in runs if run[0] == name]
     rows = []
     for name, config, overrides, zero in runs:
         # jit_compile=false is what "auto" does on a CPU; said, the dry run plans for it.
-        b = hvd_llama_bench(["--config", config, "--steps", str(args.steps or STEPS[name]),
+        steps = args.steps or STEPS_RUNS[name][0]
+        b = hvd_llama_bench(["--config", config, "--steps", str(steps),
                              *overrides, "train.jit_compile=false", f"dist.zero={zero}"],
                             PROCESSES, "gloo")
         rows.append({"config": name, "zero": zero, "grad_accum": b["grad_accum"],
@@ -65,7 +66,7 @@ def main():
                      "planned_gib": b["planned_gib"], "global_batch": b["global_batch"],
                      "seq_len": b["seq_len"], "steps": b["steps"]})
         print(json.dumps(rows[-1]), flush=True)
-    steps = args.steps or ", ".join(f"{n} {k}" for n, k in STEPS.items())
+    steps = args.steps or ", ".join(f"{n} {k}" for n, (k, _) in STEPS_RUNS.items())
     publish(median_runs(rows), steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
 
 

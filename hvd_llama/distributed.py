@@ -72,8 +72,8 @@ def horovod_env(dc, run_dir, gpus=False):
         env["HOROVOD_FUSION_THRESHOLD"] = str(dc.fusion_threshold_mb * 1024 * 1024)
         env["HOROVOD_CYCLE_TIME"] = str(dc.cycle_time_ms
                                         or (1.0 if gpus else CPU_CYCLE_TIME_MS))
-        if not gpus:  # where a cycle also batches gradients as they come, it keeps its wait
-            env["HOROVOD_CYCLE_WAKE"] = "1"
+    if not gpus:  # where a cycle also batches gradients as they come, it keeps its wait
+        env["HOROVOD_CYCLE_WAKE"] = "1"
     if dc.timeline:
         env["HOROVOD_TIMELINE"] = os.path.join(run_dir, dc.timeline)
     return env

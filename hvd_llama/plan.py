@@ -66,24 +66,39 @@ def memory_per_replica(c, layout):
             "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
 
 
+def compiles(c, layout, on_gpu):
+    """Whether a run's forward and backward passes are compiled with XLA: train.jit_compile
+    "true", or "auto" on GPUs except at stage 2, whose backward pass, compiled, could not
+    reduce-scatter each layer's gradients as it goes. step.build decides by this."""
+    return c.train.jit_compile == "true" or (
+        c.train.jit_compile == "auto" and on_gpu and layout.zero != 2)
+
+
+def streams(layout, compiled):
+    """Whether stage 2's backward pass reduce-scatters each layer's gradients as it goes
+    (zero.stream_gradients): with one device per process, uncompiled. The step decides by
+    this."""
+    return layout.zero == 2 and layout.devices == 1 and not compiled
+
+
 def _gradients(c, layout, n, share):
     """Bytes of gradients alive at once. Uncompiled, TensorFlow runs each layer's share of the
     backward pass as soon as its inputs are ready: a layer's gradients are reduce-scattered
-    (stage 2 on one device per process) or added to the accumulator (k > 1) as they come, so
-    about two layers' are in flight, one being consumed while the next is computed. Compiled
-    (XLA: train.jit_compile=true, and "auto" on GPUs except at stage 2: planned for as on a
-    GPU), a micro-batch's whole gradient comes at once; at stage 2 it also does from the
-    in-process mean over devices (hybrid), which stage 2 reduce-scatters."""
+    (streams) or added to the accumulator (k > 1) as they come, so about two layers' are in
+    flight, one consumed while the next is computed. Compiled (planned for as on a GPU), a
+    micro-batch's whole gradient comes at once, and so does the in-process mean over devices
+    (hybrid)."""
     mc = c.model
     block, embedding = _block_params(mc), mc.vocab_size * mc.hidden_dim
     # The backward order: output embedding, final norm, blocks, input embedding.
     two_layers = 4 * (block + max(block, embedding))
+    compiled = compiles(c, layout, on_gpu=True)
+    whole = compiled or layout.devices > 1
     if layout.zero == 2:
-        streamed = c.train.jit_compile != "true" and layout.devices == 1
-        return 4 * share + (two_layers if streamed else 4 * n)
+        return 4 * share + (two_layers if streams(layout, compiled) else 4 * n)
     if layout.grad_accum == 1:
         return 4 * n
-    return 4 * n + (two_layers if c.train.jit_compile == "false" else 4 * n)
+    return 4 * n + (4 * n if whole else two_layers)
 
 
 def _total(c, layout):

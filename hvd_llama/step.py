@@ -12,7 +12,7 @@ micro-batch's gradients as they come. trainer.py runs the steps.
 import keras
 import tensorflow as tf
 
-from hvd_llama import distributed as dist, model as model_lib, optim, replicas, zero
+from hvd_llama import distributed as dist, model as model_lib, optim, plan, replicas, zero
 
 
 def token_loss(model, tokens, training):
@@ -79,7 +79,7 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
     variables = model.trainable_variables
     scaled = hasattr(optimizer, "dynamic_scale")  # float16
-    if layout.zero == 2 and layout.devices == 1 and not jit_compile:
+    if plan.streams(layout, jit_compile):
         gradients = zero.stream_gradients(
             model, optimizer, lambda tokens: token_loss(model, tokens, training=True))
     elif layout.zero == 2:
@@ -111,10 +111,7 @@ def build(c, layout):
                 optim.build(c.train, optim.schedule(c.train), variables),
                 compression=c.dist.compression)
             optimizer.build(variables)  # its variables exist before a restore
-    # "auto" leaves XLA off under stage 2: compiled, the backward pass cannot reduce-scatter
-    # each layer's gradients as it goes (zero.stream_gradients).
-    on_gpu = bool(tf.config.list_physical_devices("GPU")) and layout.zero != 2
-    jit = c.train.jit_compile == "true" or (c.train.jit_compile == "auto" and on_gpu)
+    jit = plan.compiles(c, layout, bool(tf.config.list_physical_devices("GPU")))
     return model, optimizer, jit
 
 

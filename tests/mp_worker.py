@@ -164,8 +164,8 @@ def collectives(out):
 
 def zero_overflow(out):
     import tensorflow as tf
-    from hvd_llama import (config, distributed as dist, model as model_lib, optim, replicas,
-                           step as step_lib, zero)
+    from hvd_llama import (config, distributed as dist, model as model_lib, optim, plan,
+                           replicas, step as step_lib, zero)
     from hvd_llama.layout import Layout
     dist.init()
     replicas.setup(None, dist.local_rank(), dist.local_size())
@@ -224,6 +224,7 @@ def zero_overflow(out):
                                   "train.grad_accum=2", f"dist.zero={stage}"])
         layout = Layout.of(cfg, dist.size(), 1, r)
         model, opt, jit = step_lib.build(cfg, layout)
+        assert plan.streams(layout, jit) == (stage == 2)
         train_step = step_lib.make_train_step(model, opt, layout, jit)
         seen = []
         for scale in (2.0 ** 40, 1024.0, None):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run, train_cli
+from conftest import REPO, TINY, assert_one_line_error, run, train_cli
 from hvd_llama import config, hardware, plan, traffic
 from hvd_llama.errors import UserError
 from hvd_llama.layout import Layout
@@ -129,11 +129,24 @@ def test_zero_shards_the_optimizer_state_and_the_accumulated_gradients(processes
     assert mem[2]["gradients"] == 4 * share + 2 * 4 * block  # stage 2: the share, too
     eager = _llama("llama-7b", "train.jit_compile=false")
     assert _memory(eager, processes, 0)["gradients"] == 4 * n + 2 * 4 * block
+    # hybrid: the in-process mean over devices holds a micro-batch's whole gradient
+    hybrid = plan.memory_per_replica(eager, dataclasses.replace(
+        Layout.of(eager, processes, 2), zero=2))
+    assert hybrid["gradients"] == 4 * share + 4 * n
     assert len({m["activations"] for m in mem}) == 1
     one = _memory(_llama("llama-7b", "train.grad_accum=1"), processes, 0)
     assert one["gradients"] == 4 * n  # nothing to accumulate into
     compiled = _memory(_llama("llama-7b", "train.jit_compile=true"), processes, 2)
     assert compiled["gradients"] == 4 * share + 4 * n  # XLA hands over the whole gradient
+
+
+def test_stage_2_in_flight_is_a_block_and_an_embedding_where_the_embedding_is_larger():
+    c = config.load(TINY, ["train.jit_compile=false", "train.grad_accum=2"])  # vocab 8000 x 256
+    n, block, embedding = plan.param_count(c.model), 725_504, 8000 * 256
+    assert plan._block_params(c.model) == block < embedding
+    share = -(-n // 2)
+    assert _memory(c, 2, 2)["gradients"] == 4 * share + 4 * (block + embedding)
+    assert _memory(c, 2, 1)["gradients"] == 4 * n + 4 * (block + embedding)
 
 
 def test_bytes_sent_per_step_are_the_ring_collectives():

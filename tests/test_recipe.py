@@ -145,7 +145,8 @@ def test_horovod_knobs_become_horovod_variables():
     assert distributed.horovod_env(auto, "/r")["HOROVOD_CYCLE_TIME"] == \
         str(distributed.CPU_CYCLE_TIME_MS)
     env = distributed.horovod_env(config.load(None, ["dist.autotune=true"]).dist, "/r")
-    assert env == {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": "/r/autotune.csv"}
+    assert env == {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": "/r/autotune.csv",
+                   "HOROVOD_CYCLE_WAKE": "1"}
 
 
 # --- Short real runs of the tiny config -----------------------------------------------------
