@@ -26,9 +26,10 @@ BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
 SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
 # Timed steps of each run (tiny's are 0.5 s and noisy), and runs of each row, one stage after
-# another in turn: the row is the run of median tokens/s. On a shared 2-vCPU VM a whole run of
-# tiny is sometimes 20% slow, so one run is not a figure.
-STEPS_RUNS = {"tiny": (20, 3), "small": (3, 1), "142M": (3, 1)}
+# another in turn: the row is the run of median tokens/s, with the median peak RSS. On a shared
+# 2-vCPU VM a whole run of tiny is sometimes 20% slow, and 142M's peak RSS differs by up to
+# 0.05 GiB from run to run, so one run is not a figure.
+STEPS_RUNS = {"tiny": (20, 3), "small": (3, 1), "142M": (3, 3)}
 # configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
 # sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
@@ -66,21 +67,23 @@ def main():
                      "planned_gib": b["planned_gib"], "global_batch": b["global_batch"],
                      "seq_len": b["seq_len"], "steps": b["steps"]})
         print(json.dumps(rows[-1]), flush=True)
-    steps = args.steps or ", ".join(f"{n} {k}" for n, (k, _) in STEPS_RUNS.items())
-    publish(median_runs(rows), steps, "zero", table, args.results, args.benchmarks, BEGIN, END)
+    timed = args.steps or ", ".join(f"{n} {k}" for n, (k, _) in STEPS_RUNS.items())
+    publish(median_runs(rows), timed, "zero", table, args.results, args.benchmarks, BEGIN, END)
 
 
 def median_runs(rows):
     """One row per config, stage and micro-batches: the run of median tokens/s, with the
-    tokens/s of all runs."""
+    tokens/s of all runs, and the median of their peak RSS."""
     groups = {}
     for r in rows:
         groups.setdefault((r["config"], r["zero"], r["grad_accum"]), []).append(r)
     median = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r["tokens_per_s"])
-        median.append({**runs[len(runs) // 2], "runs_tokens_per_s": [
-            r["tokens_per_s"] for r in runs]})
+        rss = sorted(r["peak_rss_gib"] for r in runs)
+        median.append({**runs[len(runs) // 2], "peak_rss_gib": rss[len(rss) // 2],
+                       "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+                       "runs_peak_rss_gib": rss})
     return median
 
 
@@ -89,15 +92,16 @@ def table(result):
         return next(p for p in result["rows"] if p["config"] == r["config"]
                     and p["grad_accum"] == r["grad_accum"] and p["zero"] == 0)
 
-    def spread(runs):
-        return f" ({len(runs)}: {runs[0]:,.0f}-{runs[-1]:,.0f})" if len(runs) > 1 else ""
+    def spread(runs, digits):
+        return (f" ({len(runs)}: {runs[0]:,.{digits}f}-{runs[-1]:,.{digits}f})"
+                if len(runs) > 1 else "")
 
     lines = [f"float32, {PROCESSES} processes (Gloo), timed steps: {result['steps']}, "
              f"{result['cpus']} CPUs, {result['host']}, {result['date']}; ratios against "
              "dist.zero=0 of the same config and micro-batches:", "",
              "| config (global batch x seq) | dist.zero | micro-batches "
              "| tokens/s (median of runs: range) | x zero=0 "
-             "| compute ms | communication ms | update ms | peak RSS per process, GiB "
+             "| compute ms | communication ms | update ms | peak RSS per process, GiB (median: range) "
              "| drop from zero=0, GiB: measured / dry run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -106,10 +110,10 @@ def table(result):
                 f"{p['planned_gib'] - r['planned_gib']:.2f}" if r["zero"] else "")
         lines.append(
             f"| {r['config']} ({r['global_batch']} x {r['seq_len']}) | {r['zero']} | "
-            f"{r['grad_accum']} | {r['tokens_per_s']:,.0f}{spread(r['runs_tokens_per_s'])} | "
+            f"{r['grad_accum']} | {r['tokens_per_s']:,.0f}{spread(r['runs_tokens_per_s'], 0)} | "
             f"{r['tokens_per_s'] / p['tokens_per_s']:.2f} | {1000 * r['compute_s']:,.0f} | "
             f"{1000 * r['communication_s']:,.0f} | {1000 * r['other_s']:,.0f} | "
-            f"{r['peak_rss_gib']:.2f} | {drop} |")
+            f"{r['peak_rss_gib']:.2f}{spread(r['runs_peak_rss_gib'], 2)} | {drop} |")
     return lines
 
 

@@ -93,12 +93,11 @@ def _gradients(c, layout, n, share):
     # The backward order: output embedding, final norm, blocks, input embedding.
     two_layers = 4 * (block + max(block, embedding))
     compiled = compiles(c, layout, on_gpu=True)
-    whole = compiled or layout.devices > 1
     if layout.zero == 2:
         return 4 * share + (two_layers if streams(layout, compiled) else 4 * n)
     if layout.grad_accum == 1:
         return 4 * n
-    return 4 * n + (4 * n if whole else two_layers)
+    return 4 * n + (4 * n if compiled or layout.devices > 1 else two_layers)
 
 
 def _total(c, layout):

@@ -115,16 +115,44 @@ def stream_gradients(model, optimizer, loss_fn):
     for layer in layers:
         compat.reduce_in_backward(layer, sink, lambda: tracing[0])
 
-    def micro_step(tokens, scale):
+    def micro_step(micro_batch, scale):  # [1, b, seq_len + 1]
         tracing[0] = True
         try:
             with tf.GradientTape() as tape:
-                loss = loss_fn(tokens)
+                loss = loss_fn(micro_batch[0])
                 scaled_loss = loss * scale
             tape.gradient(scaled_loss, variables)  # the gradients go to sink, None here
         finally:
             tracing[0] = False
         return loss
+
+    return _accumulating(micro_step, accumulated)
+
+
+def share_gradients(gradients, optimizer):
+    """Stage 2 under dist.strategy=hybrid or XLA: make_gradients' function turned into
+    (micro-batches, scale) -> (mean loss, this process's share of the mean gradients) for
+    ShardedOptimizer `optimizer`. Each micro-batch's whole gradient (averaged over the
+    process's devices) is reduce-scattered before the next micro-batch runs and only the share
+    is accumulated: 1/N of the accumulator's memory, for one reduce-scatter per micro-batch."""
+    accumulated = [tf.Variable(tf.zeros_like(s), trainable=False) for s in optimizer.shares]
+
+    def micro_step(micro_batch, scale):
+        loss, grads = gradients(micro_batch, scale)
+        for a, share in zip(accumulated,
+                            dist.reducescatter_gradients(grads, optimizer.compression)):
+            a.assign_add(share)
+        return loss
+
+    return _accumulating(micro_step, accumulated)
+
+
+def _accumulating(micro_step, accumulated):
+    """Stage 2's micro-batch loop, (micro-batches, scale) -> (mean loss, this process's share of
+    the mean gradients): zeroes `accumulated` (the shares), then for each of the k
+    micro-batches in turn runs micro_step(micro-batch as [1, ...], scale / k) -> loss, which
+    adds that micro-batch's shares into it. 1/k goes into the loss scale, as in
+    step.make_gradients."""
 
     @tf.function
     def shared(micro_batches, scale):
@@ -135,32 +163,7 @@ def stream_gradients(model, optimizer, loss_fn):
             # One micro-batch at a time: Horovod names a collective after its op, and two
             # iterations in flight at once would present the same names twice.
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            loss += micro_step(micro_batches[j], scale / k)  # 1/k as in make_gradients
+            loss += micro_step(micro_batches[j:j + 1], scale / k)
         return loss / k, [a.read_value() for a in accumulated]
-
-    return shared
-
-
-def share_gradients(gradients, optimizer):
-    """Stage 2 under dist.strategy=hybrid or XLA: make_gradients' function turned into
-    (micro-batches, scale) -> (mean loss, this process's share of the mean gradients) for
-    ShardedOptimizer `optimizer`. Each micro-batch's whole gradient (averaged over the
-    process's devices) is reduce-scattered before the next micro-batch runs and only the share
-    is accumulated: 1/N of the accumulator's memory, for one reduce-scatter per micro-batch."""
-    shapes = [[b - a, *v.shape[1:]] for v, (a, b) in zip(optimizer.variables, optimizer.rows)]
-
-    @tf.function
-    def shared(micro_batches, scale):
-        loss, acc = tf.constant(0.0), [tf.zeros(s) for s in shapes]
-        k = tf.cast(tf.shape(micro_batches)[0], tf.float32)
-        for j in tf.range(tf.shape(micro_batches)[0]):
-            # One micro-batch at a time: Horovod names a collective after its op, and two
-            # iterations in flight at once would present the same names twice.
-            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-            more_loss, grads = gradients(micro_batches[j:j + 1], scale / k)  # as stage 1's
-            loss += more_loss
-            acc = [x + s for x, s in zip(
-                acc, dist.reducescatter_gradients(grads, optimizer.compression))]
-        return loss / k, acc
 
     return shared
