@@ -101,7 +101,8 @@ def table(result):
              "dist.zero=0 of the same config and micro-batches:", "",
              "| config (global batch x seq) | dist.zero | micro-batches "
              "| tokens/s (median of runs: range) | x zero=0 "
-             "| compute ms | communication ms | update ms | peak RSS per process, GiB (median: range) "
+             "| compute ms | communication ms | update ms "
+             "| peak RSS per process, GiB (median: range) "
              "| drop from zero=0, GiB: measured / dry run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

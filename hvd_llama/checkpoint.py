@@ -119,7 +119,7 @@ def restore(meta, model, optimizer):
     whatever layout wrote it. The optimizer must be built (its variables must exist)."""
     if meta is None:
         return
-    entries = _entries(model, None if meta.get("weights_only") else optimizer)
+    entries = _entries(model, optimizer, moments=not meta.get("weights_only"))
     try:
         _read(meta["path"], entries)
     except tf.errors.OpError as e:
@@ -160,16 +160,20 @@ def save(config, layout, step, rows, model, optimizer=None):
                 remove(os.path.join(directory(config.run.dir), name))
 
 
-def _entries(model, optimizer=None):
+def _entries(model, optimizer=None, moments=True):
     """[(name, variable, its first row in the named tensor, the tensor's full shape)] of what a
-    checkpoint holds: the weights, and the optimizer's moments and counters."""
-    entries = [(f"model/{v.path}", v, 0, v.shape) for v in model.variables]
-    if optimizer is None:
-        return entries
+    checkpoint holds: the weights, and (with `moments`) the optimizer's moments and counters."""
     variables = model.trainable_variables
     # ZeRO's ShardedOptimizer holds rows from `starts` on; stage 0's optimizer all of them.
     inner, starts = (optimizer.inner, optimizer.starts) if hasattr(optimizer, "starts") \
         else (optimizer, [0] * len(variables))
+    if getattr(optimizer, "stage", 0) == 3:  # the shares are the only copy of the weights
+        entries = [(f"model/{v.path}", s, start, v.shape)
+                   for v, s, start in zip(variables, optimizer.shares, starts)]
+    else:
+        entries = [(f"model/{v.path}", v, 0, v.shape) for v in model.variables]
+    if optimizer is None or not moments:
+        return entries
     adamw = optim.adamw(inner)
     for v, start, (m, s) in zip(variables, starts, compat.adam_moments(adamw)):
         entries += [(f"optimizer/m/{v.path}", m, start, v.shape),

@@ -21,6 +21,11 @@ Hooks (the function here: who calls it, and what it relies on)
 - reduce_in_backward: zero.stream_gradients (dist.zero=2). A layer's `call` replaced on the
   instance by a tf.custom_gradient wrapper whose backward pass reduce-scatters the layer's
   weight gradients as soon as they exist.
+- build_unallocated: zero3.build (dist.zero=3). Keras defers a variable created inside a
+  StatelessScope: its private `_initializer` is kept and nothing is allocated, unless a later
+  StatelessScope's exit allocates every deferred variable (a private global list).
+- call_with_weights: zero3.build. A layer's `call` replaced on the instance by one that runs
+  it inside a StatelessScope mapping its weights to tensors given at each call.
 - build_cache: generate.make_generate. keras-hub's private prefill, LlamaCausalLM._build_cache.
 - index_shuffle: data.sequence_ids. The raw RandomIndexShuffle op: the public
   tf.random.experimental.index_shuffle mangles a batch of seeds.
@@ -145,6 +150,51 @@ def reduce_in_backward(layer, sink, active):
         return forward(x)
 
     layer.call = reducing_call
+
+
+# Keras 3.15: a variable created inside keras.StatelessScope(initialize_variables=False) keeps
+# its initializer in the private `_initializer`, allocates nothing, and joins the private
+# global list "uninitialized_variables" that a default StatelessScope allocates on exit. Its
+# `value` is the tensor a StatelessScope maps it to, and outside one its initializer's output
+# (which keras-hub's model construction reads, tracing the backbone symbolically). A task
+# model cannot be built inside one: keras-hub's compiles, and Keras's optimizer creates a
+# variable from a value.
+def build_unallocated(make_backbone, make_model):
+    """(make_model(make_backbone()), {id(variable): fn() -> its initial value}) with none of
+    the backbone's variables ever allocated; reading one later outside a StatelessScope that
+    maps it raises."""
+    import functools
+    import keras
+    from keras.src.backend.common import global_state
+    with keras.StatelessScope(initialize_variables=False):
+        backbone = make_backbone()
+    global_state.set_global_attribute("uninitialized_variables", [])
+    model = make_model(backbone)
+    initial = {}
+    for v in backbone.variables:
+        initial[id(v)] = functools.partial(v._initializer, v.shape, dtype=v.dtype)
+
+        def unmapped(*_, path=v.path, **__):
+            raise RuntimeError(f"{path}: a dist.zero=3 weight read outside its layer's gather")
+        v._initializer = unmapped
+    return model, initial
+
+
+# Keras 3.15 reads a variable's value through its `value` property, which looks the variable up
+# in the active StatelessScope's mapping first (and autocasts it as usual).
+def call_with_weights(layer, weights):
+    """Make a layer run its call with its trainable variables read as the tensors
+    weights(first argument of the call) returns, in their order, by replacing its instance's
+    `call`."""
+    import keras
+    call, variables = layer.call, layer.trainable_variables
+
+    def mapped_call(x, *args, **kwargs):
+        with keras.StatelessScope(state_mapping=list(zip(variables, weights(x))),
+                                  initialize_variables=False):
+            return call(x, *args, **kwargs)
+
+    layer.call = mapped_call
 
 
 # keras-hub 0.32 has no public prefill: the private LlamaCausalLM._build_cache(token_ids)

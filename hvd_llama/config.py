@@ -85,8 +85,11 @@ class DistConfig:
     logical_cpus: int = 0  # mirrored/hybrid: split the CPU into N devices (tests, CPU hosts)
     # ZeRO (sharded data parallelism) over the Horovod processes: 0 = each holds all optimizer
     # state; 1 = each holds the AdamW moments of its 1/N share of every tensor's rows (gradients
-    # reduce-scattered, updated shares all-gathered); 2 = the accumulated gradients too.
+    # reduce-scattered, updated shares all-gathered); 2 = the accumulated gradients too; 3 = the
+    # weights too, each layer's gathered whole around its compute (dist.strategy=horovod, no XLA).
     zero: int = 0
+    # dist.zero=3: all-gather a layer's weights when the layer before it starts, not when it ends.
+    prefetch: bool = True
     # Horovod's knobs, exported as its HOROVOD_* variables before it starts (they win over
     # horovodrun's flags). Defaults are Horovod's own.
     compression: str = "none"  # "none" | "fp16": cast gradients to fp16 for the allreduce
@@ -239,11 +242,17 @@ def validate(c):
             if getattr(c.dist, key):
                 raise UserError(f"'dist.{key}' is for dist.strategy=mirrored or hybrid (one "
                                 "process over several devices); dist.strategy is horovod")
-    if c.dist.zero not in (0, 1, 2):
-        raise UserError(f"'dist.zero' must be 0, 1 or 2; got {c.dist.zero}")
+    if c.dist.zero not in (0, 1, 2, 3):
+        raise UserError(f"'dist.zero' must be 0, 1, 2 or 3; got {c.dist.zero}")
     if c.dist.zero and c.dist.strategy == "mirrored":
         raise UserError("'dist.zero' shards across Horovod processes, and dist.strategy=mirrored "
                         "runs one: use dist.zero=0, or dist.strategy=horovod or hybrid")
+    if c.dist.zero == 3 and c.dist.strategy != "horovod":
+        raise UserError("'dist.zero'=3 gathers each layer's weights once per process: it needs "
+                        f"dist.strategy=horovod (one device per process), not {c.dist.strategy}")
+    if c.dist.zero == 3 and c.train.jit_compile == "true":
+        raise UserError("'train.jit_compile'=true cannot compile dist.zero=3's forward pass, "
+                        "which all-gathers each layer's weights: use auto or false")
     Layout.of(c)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")

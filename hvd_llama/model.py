@@ -16,8 +16,16 @@ POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixe
 
 def build(mc, seed, precision="float32", remat=False):
     """A freshly initialised LlamaCausalLM (no preprocessor: it takes token ids)."""
+    model = causal_lm(backbone(mc, seed, precision))
+    if remat:
+        recompute_blocks(model)
+    return model
+
+
+def backbone(mc, seed, precision="float32"):
+    """keras-hub's LlamaBackbone for ModelConfig mc, its weights drawn from `seed`."""
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.LlamaBackbone(
+    return keras_hub.models.LlamaBackbone(
         vocabulary_size=mc.vocab_size,
         num_layers=mc.num_layers,
         num_query_heads=mc.num_query_heads,
@@ -29,10 +37,19 @@ def build(mc, seed, precision="float32", remat=False):
         tie_word_embeddings=mc.tie_word_embeddings,
         dtype=POLICIES[precision],
     )
-    if remat:  # per block, by tf.recompute_grad (compat: keras.RematScope fails here)
-        for block in backbone.transformer_layers:
-            compat.recompute_in_backward(block)
+
+
+def causal_lm(backbone):
+    """The language model over a backbone: its logits come from the token embedding, reversed
+    (tied) or its own output matrix."""
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def recompute_blocks(model):
+    """train.remat: each decoder block keeps only its input for the backward pass, and runs
+    again there (tf.recompute_grad: keras.RematScope fails here, compat.py)."""
+    for block in model.backbone.transformer_layers:
+        compat.recompute_in_backward(block)
 
 
 def weight_layers(model):

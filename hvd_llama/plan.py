@@ -11,7 +11,7 @@ from hvd_llama import hardware
 from hvd_llama.errors import UserError
 
 GIB = 1 << 30
-STAGES = (0, 1, 2)  # dist.zero
+STAGES = (0, 1, 2, 3)  # dist.zero
 
 
 def _block_params(mc):
@@ -42,10 +42,11 @@ def memory_per_replica(c, layout):
     Horovod processes and k = layout.grad_accum micro-batches a step. All state is float32
     (mixed precision keeps float32 weights and casts per op):
       weights     4n; from stage 1 also a copy of this process's share (n/N), which the
-                  optimizer updates before the all-gather
+                  optimizer updates before the all-gather; stage 3 that share and the whole
+                  weights gathered at once (_weights)
       gradients   stages 0-1: 4n, and with k > 1 a micro-batch's gradients not yet added to
-                  them; stage 2: the accumulated share 4n/N, and those not yet reduce-scattered
-                  (_gradients)
+                  them; from stage 2: the accumulated share 4n/N, and those not yet
+                  reduce-scattered (_gradients)
       optimizer   AdamW's two moments, 8n; from stage 1 of the share only
     Under dist.strategy hybrid and mirrored every device holds all of this (the process's
     share of the optimizer state included): the figures are per device.
@@ -62,23 +63,43 @@ def memory_per_replica(c, layout):
     blocks = (mc.num_layers * s * b * mc.hidden_dim * width + block) if c.train.remat \
         else mc.num_layers * block
     logits = 2 * b * s * mc.vocab_size * 4
-    return {"weights": 4 * n + (4 * share if zero else 0), "gradients": gradients,
+    return {"weights": _weights(c, layout, n, share), "gradients": gradients,
             "optimizer": 8 * (share if zero else n), "activations": int(blocks + logits)}
 
 
 def compiles(c, layout, on_gpu):
     """Whether a run's forward and backward passes are compiled with XLA: train.jit_compile
-    "true", or "auto" on GPUs except at stage 2, whose backward pass, compiled, could not
-    reduce-scatter each layer's gradients as it goes. step.build decides by this."""
+    "true", or "auto" on GPUs below stage 2: compiled, stage 2's backward pass could not
+    reduce-scatter each layer's gradients as it goes, nor stage 3's forward pass gather each
+    layer's weights (config.py refuses "true" there). step.build decides by this."""
     return c.train.jit_compile == "true" or (
-        c.train.jit_compile == "auto" and on_gpu and layout.zero != 2)
+        c.train.jit_compile == "auto" and on_gpu and layout.zero < 2)
 
 
 def streams(layout, compiled):
-    """Whether stage 2's backward pass reduce-scatters each layer's gradients as it goes
-    (zero.stream_gradients): with one device per process, uncompiled. The step decides by
-    this."""
-    return layout.zero == 2 and layout.devices == 1 and not compiled
+    """Whether the backward pass reduce-scatters each layer's gradients as it goes: always at
+    stage 3 (the all-gathers' gradient), and at stage 2 with one device per process,
+    uncompiled (zero.stream_gradients). The step decides by this."""
+    return layout.zero == 3 or (layout.zero == 2 and layout.devices == 1 and not compiled)
+
+
+def _weights(c, layout, n, share):
+    """Bytes of weights alive at once. At stage 3, the share and the whole weights gathered:
+    with train.remat those of the layer computing, and of the next one with dist.prefetch (a
+    block, and the larger of a block and an embedding matrix, as in _gradients); without remat
+    every layer's, which the backward pass keeps from the forward pass."""
+    if layout.zero < 3:
+        return 4 * n + (4 * share if layout.zero else 0)
+    layers = _neighbours(c.model, 2 if c.dist.prefetch else 1)
+    return 4 * share + 4 * (layers if c.train.remat else n)
+
+
+def _neighbours(mc, count):
+    """Parameters of the `count` (1 or 2) largest layers next to each other in the backward
+    order (output embedding, final norm, blocks, input embedding): the largest of a block and
+    an embedding matrix, and a block beside it."""
+    block = _block_params(mc)
+    return max(block, mc.vocab_size * mc.hidden_dim) + (block if count == 2 else 0)
 
 
 def _gradients(c, layout, n, share):
@@ -88,12 +109,9 @@ def _gradients(c, layout, n, share):
     flight, one consumed while the next is computed. Compiled (planned for as on a GPU), a
     micro-batch's whole gradient comes at once, and so does the in-process mean over devices
     (hybrid)."""
-    mc = c.model
-    block, embedding = _block_params(mc), mc.vocab_size * mc.hidden_dim
-    # The backward order: output embedding, final norm, blocks, input embedding.
-    two_layers = 4 * (block + max(block, embedding))
+    two_layers = 4 * _neighbours(c.model, 2)
     compiled = compiles(c, layout, on_gpu=True)
-    if layout.zero == 2:
+    if layout.zero >= 2:
         return 4 * share + (two_layers if streams(layout, compiled) else 4 * n)
     if layout.grad_accum == 1:
         return 4 * n
@@ -107,22 +125,27 @@ def _total(c, layout):
 def _alternatives(c, layout):
     """Layouts in the order a user would try them: this micro-batch at dist.zero=0, 1, 2; then
     stage 2 at smaller micro-batches (a larger train.grad_accum, dividing the sequences each
-    replica reads a step); then the same on each power-of-two process count above this one
-    (starting at the smallest train.grad_accum from this one up that divides), down to one
-    sequence a replica. dist.strategy=mirrored runs one process and no ZeRO, so there only the
-    micro-batch changes."""
-    sharded = c.dist.strategy != "mirrored"
-    top = STAGES[-1] if sharded else 0
+    replica reads a step); then stage 3, which gathers every layer's weights, at this
+    micro-batch and the smaller ones; then the same on each power-of-two process count above
+    this one (starting at the smallest train.grad_accum from this one up that divides), down
+    to one sequence a replica. dist.strategy=mirrored runs one process and no ZeRO, so there
+    only the micro-batch changes; hybrid goes up to stage 2."""
+    top = {"horovod": 3, "hybrid": 2}.get(c.dist.strategy, 0)
     processes = layout.processes
     while layout.global_batch % (processes * layout.devices) == 0:
         per_replica = layout.global_batch // (processes * layout.devices)
-        at = [dataclasses.replace(layout, processes=processes, zero=top, grad_accum=k,
-                                  micro=per_replica // k)
-              for k in range(min(layout.grad_accum, per_replica), per_replica + 1)
-              if per_replica % k == 0]
-        yield from (dataclasses.replace(at[0], zero=zero) for zero in range(top))
+
+        def micro_batches(zero):
+            return [dataclasses.replace(layout, processes=processes, zero=zero, grad_accum=k,
+                                        micro=per_replica // k)
+                    for k in range(min(layout.grad_accum, per_replica), per_replica + 1)
+                    if per_replica % k == 0]
+        at = micro_batches(min(top, 2))
+        yield from (dataclasses.replace(at[0], zero=zero) for zero in range(min(top, 2)))
         yield from at
-        if not sharded:
+        if top == 3:
+            yield from micro_batches(3)
+        if not top:
             return
         processes = 1 << processes.bit_length()  # the next power of two
 
@@ -134,10 +157,10 @@ def what_fits(c, layout, capacity):
     found = next((x for x in _alternatives(c, layout) if _total(c, x) <= capacity), None)
     if found is None:
         weights = 4 * param_count(c.model)
-        if weights > capacity:
+        if weights > capacity and c.dist.strategy != "horovod":
             return None, (f"nothing fits, as the float32 weights alone are "
                           f"{weights / GIB:.1f} GiB (ZeRO stages 1-2 shard only gradients and "
-                          "optimizer state)")
+                          "optimizer state; stage 3 needs dist.strategy=horovod)")
         if c.dist.strategy == "mirrored":
             return None, "no micro-batch fits (dist.strategy=mirrored: one process, no ZeRO)"
         return None, "no ZeRO stage, micro-batch or power-of-two process count fits"

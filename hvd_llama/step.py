@@ -6,13 +6,15 @@ averaged inside the process; the optimizer is wrapped so that gradients are aver
 processes by Horovod allreduce (inside `optimizer.apply`, once per optimizer step, after the
 micro-batches are accumulated). Under dist.zero 1 and 2 the optimizer is zero.py's instead
 (reduce-scatter, update of this process's share, all-gather), and stage 2 reduce-scatters each
-micro-batch's gradients as they come. trainer.py runs the steps.
+micro-batch's gradients as they come; stage 3's model gathers each layer's weights around its
+call (zero3.py). trainer.py runs the steps.
 """
 
 import keras
 import tensorflow as tf
 
 from hvd_llama import distributed as dist, model as model_lib, optim, plan, replicas, zero
+from hvd_llama import zero3
 
 
 def token_loss(model, tokens, training):
@@ -79,7 +81,10 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     (mean loss, global norm of the averaged gradients, the learning rate this step used)."""
     variables = model.trainable_variables
     scaled = hasattr(optimizer, "dynamic_scale")  # float16
-    if plan.streams(layout, jit_compile):
+    if layout.zero == 3:
+        gradients = zero.gathered_gradients(
+            optimizer, lambda tokens: token_loss(model, tokens, training=True))
+    elif plan.streams(layout, jit_compile):
         gradients = zero.stream_gradients(
             model, optimizer, lambda tokens: token_loss(model, tokens, training=True))
     elif layout.zero == 2:
@@ -102,10 +107,15 @@ def build(c, layout):
     """(model, its optimizer, whether the gradients run under XLA) for Config c: the
     DistributedOptimizer of stage 0 or ZeRO's ShardedOptimizer, over Layout `layout`."""
     with replicas.strategy().scope():  # mirrored/hybrid: a copy of every variable per device
-        model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
+        if layout.zero == 3:  # the shares are the weights; the model's are never allocated
+            model, shares = zero3.build(c, layout, c.dist.prefetch)
+        else:
+            model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
+            shares = None
         variables = model.trainable_variables
         if layout.zero:
-            optimizer = zero.ShardedOptimizer(c.train, variables, layout, c.dist.compression)
+            optimizer = zero.ShardedOptimizer(c.train, variables, layout, c.dist.compression,
+                                              shares)
         else:
             optimizer = dist.DistributedOptimizer(
                 optim.build(c.train, optim.schedule(c.train), variables),

@@ -8,6 +8,9 @@ reduce-scatter or all-gather sends (N-1)/N of the buffer; an allreduce is one of
     dist.zero=0   one allreduce                              2(N-1)/N G
     dist.zero=1   a reduce-scatter, then an all-gather        (N-1)/N G + (N-1)/N 4n
     dist.zero=2   a reduce-scatter per micro-batch, 1 gather  k (N-1)/N G + (N-1)/N 4n
+    dist.zero=3   per micro-batch a reduce-scatter and        k (N-1)/N (G + 4n), and with
+                  an all-gather of the weights (a second      train.remat k (N-1)/N 4n more
+                  one with train.remat, to recompute)
 A parameter server would have each worker send G and receive 4n, and a single server receive
 N G and send N 4n. The bus bandwidth is NCCL's "busbw", defined so that a collective takes
 its bytes sent per process over it.
@@ -34,6 +37,12 @@ def sent(c, layout, zero):
     ring = (N - 1) / N
     if zero == 0:
         return [("allreduce", 2 * ring * gradients)]
+    if zero == 3:
+        k = layout.grad_accum
+        gathers = k * (2 if c.train.remat else 1)
+        return [(f"{gathers} all-gathers" if gathers > 1 else "all-gather",
+                 gathers * ring * 4 * n),
+                (f"{k} reduce-scatters" if k > 1 else "reduce-scatter", k * ring * gradients)]
     scatters = layout.grad_accum if zero == 2 else 1
     return [(f"{scatters} reduce-scatters" if scatters > 1 else "reduce-scatter",
              scatters * ring * gradients), ("all-gather", ring * 4 * n)]

@@ -53,7 +53,8 @@ def setup(c):
       2. barrier    local rank 0 of each host has prepared the built-in dataset
       3. allgather  whether every rank read its part of the checkpoint (checkpoint.restore:
                     the weights, and its optimizer state or ZeRO share)
-      4. broadcast  rank 0's weights (restored, or freshly initialised)
+      4. broadcast  rank 0's weights (restored, or freshly initialised); not at dist.zero=3,
+                    where each process holds only its share
       5. barrier    then allreduce: the CPU peak, measured by all processes at once
       6. allgather  the hosts' names, for the banner
     """
@@ -79,7 +80,8 @@ def setup(c):
     for rank, error in enumerate(failed):
         if error:
             raise UserError(f"rank {rank}: {error}" if len(failed) > 1 else str(error))
-    dist.broadcast_variables(model.variables)  # 4
+    if layout.zero < 3:
+        dist.broadcast_variables(model.variables)  # 4
     if layout.zero:
         optimizer.take_weights()  # the shares AdamW updates follow the weights
     dist.barrier()  # 5: every process measures a CPU's peak at once, each on its share
@@ -187,7 +189,9 @@ def finish(c, r, last):
     if not dist.is_chief():
         return
     exports = os.path.join(c.run.dir, "saved_model")  # TF Serving's <dir>/<version>/
-    path = export.export(r.model, exports, export.next_version(exports),
+    # dist.zero=3: this process holds a share of the weights; the last step's checkpoint, all.
+    model = checkpoint.load_latest(c.run.dir)[1] if r.layout.zero == 3 else r.model
+    path = export.export(model, exports, export.next_version(exports),
                          c.model.max_position_embeddings, r.dataset.tokenizer_path)[0]
     with atomic_path(os.path.join(c.run.dir, "tokenizer.model")) as tmp:
         shutil.copyfile(r.dataset.tokenizer_path, tmp)

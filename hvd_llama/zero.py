@@ -26,14 +26,15 @@ class ShardedOptimizer:
     DistributedOptimizer of stage 0: `apply(grads)` returns the global norm of the averaged
     (still loss-scaled) gradients."""
 
-    def __init__(self, tc, variables, layout, compression="none"):
-        self.variables = list(variables)  # the model's, full on every process
+    def __init__(self, tc, variables, layout, compression="none", shares=None):
+        self.variables = list(variables)  # the model's: whole on every process below stage 3
         self.stage, self.compression = layout.zero, compression
         self.rows = [layout.share(v.shape[0]) for v in self.variables]
         # A float32 copy of this process's rows of each weight, which AdamW updates in place
-        # (Keras optimizers update variables; a slice of one is not a variable).
-        self.shares = [keras.Variable(v[a:b], name=f"share_{i}", trainable=False)
-                       for i, (v, (a, b)) in enumerate(zip(self.variables, self.rows))]
+        # (Keras optimizers update variables; a slice of one is not a variable). At stage 3
+        # zero3.build's, the only copy.
+        self.shares = shares or [keras.Variable(v[a:b], name=f"share_{i}", trainable=False)
+                                 for i, (v, (a, b)) in enumerate(zip(self.variables, self.rows))]
         self.inner = optim.build(tc, optim.schedule(tc), self.shares, like=self.variables)
         self.scaled = isinstance(self.inner, keras.optimizers.LossScaleOptimizer)  # float16
         self.whole_norm = None  # set by apply, read by the clipping in the same trace
@@ -56,15 +57,19 @@ class ShardedOptimizer:
     def take_weights(self):
         """Copy this process's rows of the weights into the shares AdamW updates: once the
         weights were restored or broadcast. After each step the shares are the rows the
-        all-gather spread, so they stay equal."""
+        all-gather spread, so they stay equal. At stage 3 the shares are the weights."""
+        if self.stage == 3:
+            return
         for share, v, (a, b) in zip(self.shares, self.variables, self.rows):
             share.assign(v[a:b])
 
     def apply(self, grads, variables=None):
         """Update the weights (self.variables; `variables` is accepted as stage 0's apply
         takes it) from this process's gradients: at stage 1 whole, averaged over its
-        micro-batches; at stage 2 already its averaged shares (share_gradients)."""
-        shares = grads if self.stage == 2 else \
+        micro-batches; from stage 2 already its averaged shares (stream_gradients,
+        share_gradients, gathered_gradients). Below stage 3, all-gathers the updated shares
+        into the weights."""
+        shares = grads if self.stage >= 2 else \
             dist.reducescatter_gradients(grads, self.compression)
         sums = [tf.add_n([tf.reduce_sum(tf.square(s)) for s in shares])]
         if self.scaled:
@@ -87,8 +92,9 @@ class ShardedOptimizer:
                 return tf.constant(True)
 
             tf.cond(tf.math.is_finite(norm), update, lambda: tf.constant(False))
-        for v, whole in zip(self.variables, dist.allgather_shares(self.shares)):
-            v.assign(whole)
+        if self.stage < 3:
+            for v, whole in zip(self.variables, dist.allgather_shares(self.shares)):
+                v.assign(whole)
         return norm
 
 
@@ -142,6 +148,25 @@ def share_gradients(gradients, optimizer):
         for a, share in zip(accumulated,
                             dist.reducescatter_gradients(grads, optimizer.compression)):
             a.assign_add(share)
+        return loss
+
+    return _accumulating(micro_step, accumulated)
+
+
+def gathered_gradients(optimizer, loss_fn):
+    """Stage 3: (micro-batches, scale) -> (mean loss, this process's share of the mean
+    gradients), with loss_fn(tokens) the loss of one micro-batch on zero3.build's model. The
+    shares are the weights: their gradients come from the all-gathers' (zero3.py), each layer's
+    reduce-scattered as the backward pass reaches it, and add into an accumulator."""
+    shares = compat.tf_variables(optimizer.shares)
+    accumulated = [tf.Variable(tf.zeros_like(s), trainable=False) for s in shares]
+
+    def micro_step(micro_batch, scale):  # [1, b, seq_len + 1]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(micro_batch[0])
+            scaled_loss = loss * scale
+        for a, g in zip(accumulated, tape.gradient(scaled_loss, shares)):
+            a.assign_add(tf.convert_to_tensor(g))
         return loss
 
     return _accumulating(micro_step, accumulated)

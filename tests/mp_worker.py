@@ -3,14 +3,16 @@
     python tests/mp_worker.py train OUT [section.key=value ...]
         trains configs/micro.yaml with the overrides; OUT/rank<r>.npz = final weights,
         OUT/rank<r>-copies.json = how many device copies each weight has, their spread and
-        the bytes of the optimizer's variables on this rank; with CRASH_IN_SAVE_RANK=r set,
-        rank r exits in its first checkpoint save, right after writing its share
+        the bytes of the optimizer's variables and of the weights held on this rank; with
+        CRASH_IN_SAVE_RANK=r set, rank r exits in its first checkpoint save, right after
+        writing its share
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
-        step (and stage 0 on the same gradients); the float16 training step at stages 0 and
-        2, from an overflow; float32 at stage 1: a NaN in one rank's share; OUT/rank<r>.json
-        says what each rank's optimizer did, OUT/zero<s>-rank<r>.npz and
-        OUT/stream<s>-rank<r>.npz hold the weights after
+        step (and stage 0 on the same gradients); the float16 training step at stages 0, 2
+        and 3, from an overflow, and the bfloat16 one at stages 0 and 3; float32 at stage 1: a
+        NaN in one rank's share; OUT/rank<r>.json says what each rank's optimizer did,
+        OUT/zero<s>-rank<r>.npz, OUT/stream<s>-rank<r>.npz and OUT/bf16-<s>-rank<r>.npz hold
+        the weights after
     python tests/mp_worker.py data OUT DATASET_DIR
         this rank's first 8 training batches (batch 2, seq_len 16) of DATASET_DIR
     python tests/mp_worker.py collectives OUT
@@ -48,7 +50,9 @@ def train(out, overrides):
         checkpoint._write = write_then_die
     r = trainer.setup(cfg)
     trainer.finish(cfg, r, trainer.loop(cfg, r))
-    model = r.model
+    # dist.zero=3 holds a share of each weight: the whole ones are in the last checkpoint.
+    model = checkpoint.load_latest(cfg.run.dir)[1] if cfg.dist.zero == 3 else r.model
+    held = r.optimizer.shares if cfg.dist.zero == 3 else model.weights
     adamw = optim.adamw(getattr(r.optimizer, "inner", r.optimizer))  # ZeRO's, or stage 0's
     np.savez(os.path.join(out, f"rank{dist.rank()}.npz"), *weights(model))
     # Every device's copy of every weight (one copy outside mirrored/hybrid), against the first.
@@ -56,7 +60,8 @@ def train(out, overrides):
     spread = max(float(np.max(np.abs(c.numpy() - cs[0].numpy()))) for cs in copies for c in cs)
     with open(os.path.join(out, f"rank{dist.rank()}-copies.json"), "w") as f:
         json.dump({"copies": len(copies[0]), "spread": spread,
-                   "optimizer_bytes": sum(int(np.prod(v.shape)) * 4 for v in adamw.variables)},
+                   "optimizer_bytes": sum(int(np.prod(v.shape)) * 4 for v in adamw.variables),
+                   "weight_bytes": sum(int(np.prod(v.shape)) * 4 for v in held)},
                   f)
 
 
@@ -214,26 +219,32 @@ def zero_overflow(out):
             weights_after(opt0, model0, [overflow, finite])
             np.savez(os.path.join(out, f"zero0-rank{r}.npz"), *weights(model0))
 
-    # The training step in float16 at stage 2 (the backward pass reduce-scatters each layer's
-    # gradients as it goes: zero.stream_gradients) against stage 0's, 2 micro-batches of this
-    # rank's own tokens: a loss scale of 2^40 overflows in the backward pass (step skipped,
-    # scale halved), then 2 steps from a scale of 1024 apply.
+    # The training step in float16 at stages 2 (the backward pass reduce-scatters each layer's
+    # gradients as it goes: zero.stream_gradients) and 3 (the weights gathered layer by layer)
+    # against stage 0's, 2 micro-batches of this rank's own tokens: a loss scale of 2^40
+    # overflows in the backward pass (step skipped, scale halved), then 2 steps from a scale of
+    # 1024 apply. Then bfloat16, 2 steps at stages 0 and 3.
     tokens = tf.constant(np.random.default_rng(r).integers(0, 97, (2, 2, 33)), tf.int32)
-    for stage in (0, 2):
-        cfg = config.load(MICRO, ["train.precision=float16", "model.vocab_size=97",
-                                  "train.grad_accum=2", f"dist.zero={stage}"])
-        layout = Layout.of(cfg, dist.size(), 1, r)
-        model, opt, jit = step_lib.build(cfg, layout)
-        assert plan.streams(layout, jit) == (stage == 2)
-        train_step = step_lib.make_train_step(model, opt, layout, jit)
-        seen = []
-        for scale in (2.0 ** 40, 1024.0, None):
-            if scale:
-                opt.dynamic_scale.assign(scale)
-            loss, norm, _ = train_step(tokens)
-            seen.append([float(loss), float(norm), float(opt.dynamic_scale.numpy())])
-        res[f"stream{stage}"] = seen
-        np.savez(os.path.join(out, f"stream{stage}-rank{r}.npz"), *weights(model))
+    for precision, stages in (("float16", (0, 2, 3)), ("bfloat16", (0, 3))):
+        for stage in stages:
+            cfg = config.load(MICRO, [f"train.precision={precision}", "model.vocab_size=97",
+                                      "train.grad_accum=2", f"dist.zero={stage}"])
+            layout = Layout.of(cfg, dist.size(), 1, r)
+            model, opt, jit = step_lib.build(cfg, layout)
+            assert plan.streams(layout, jit) == (stage >= 2)
+            train_step = step_lib.make_train_step(model, opt, layout, jit)
+            seen = []
+            for scale in (2.0 ** 40, 1024.0, None) if precision == "float16" else (None, None):
+                if scale:
+                    opt.dynamic_scale.assign(scale)
+                loss, norm, _ = train_step(tokens)
+                seen.append([float(loss), float(norm)] + (
+                    [float(opt.dynamic_scale.numpy())] if precision == "float16" else []))
+            name = f"{'stream' if precision == 'float16' else 'bf16-'}{stage}"
+            res[name] = seen
+            whole = [w.numpy() for w in dist.allgather_shares(opt.shares)] if stage == 3 \
+                else weights(model)
+            np.savez(os.path.join(out, f"{name}-rank{r}.npz"), *whole)
 
     # float32: a NaN in rank 0's share alone; both ranks skip the step, both see a NaN norm.
     cfg = config.load(MICRO, ["model.vocab_size=97"])

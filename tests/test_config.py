@@ -43,7 +43,9 @@ def test_frozen():
     (["model.num_query_heads=6", "model.num_key_value_heads=4"], "model.num_query_heads"),
     (["dist.compression=int8"], "dist.compression"),
     (["dist.strategy=parameter_server"], "dist.strategy"),
-    (["dist.zero=3"], "'dist.zero' must be 0, 1 or 2"),
+    (["dist.zero=4"], "'dist.zero' must be 0, 1, 2 or 3"),
+    (["dist.zero=3", "dist.strategy=hybrid"], "'dist.zero'=3"),
+    (["dist.zero=3", "train.jit_compile=true"], "'train.jit_compile'=true"),
     (["dist.zero=1", "dist.strategy=mirrored"], "'dist.zero' shards across Horovod"),
     (["dist.devices=GPU:0"], "dist.devices"),  # horovod: one device per process
     (["dist.logical_cpus=2"], "dist.logical_cpus"),

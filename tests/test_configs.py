@@ -191,11 +191,22 @@ def test_the_fit_search_picks_the_lowest_stage_then_a_smaller_micro_batch():
     assert (found.zero, found.grad_accum, found.micro, found.processes) == (2, 32, 4, 16)
     assert words == "no stage fits at micro-batch 16; dist.zero=2 with train.grad_accum=32 " \
                     "(micro-batch 4) does"
-    # 33b: not on 16 H200s at any micro-batch; on 64, at two sequences
+    # 33b: on 16 H200s only at stage 3, whose shares of the weights make it fit 80 GiB too
     c = _llama("llama-33b")
     found, words = plan.what_fits(c, Layout.of(c, 16), 141 * gib)
-    assert (found.processes, found.zero, found.micro) == (64, 2, 2)
-    assert words.startswith("no stage fits on 16 process(es) at any micro-batch; 64 processes")
+    assert (found.processes, found.zero, found.micro) == (16, 3, 16)
+    found, words = plan.what_fits(c, Layout.of(c, 32), 80 * gib)
+    assert (found.processes, found.zero, found.micro) == (32, 3, 8)
+    assert words == "dist.zero=3 fits"
+    # 65b: on 64 x 80 GiB at stage 3, half the micro-batch on 32
+    c = _llama("llama-65b")
+    found, words = plan.what_fits(c, Layout.of(c, 64), 80 * gib)
+    assert (found.processes, found.zero, found.micro) == (64, 3, 4)
+    found, words = plan.what_fits(c, Layout.of(c, 32), 80 * gib)
+    assert words == "no stage fits at micro-batch 8; dist.zero=3 with train.grad_accum=16 " \
+                    "(micro-batch 4) does"
+    # Under hybrid (no stage 3) the whole float32 weights of each process cannot fit
+    c = _llama("llama-33b", "dist.strategy=hybrid")
     found, words = plan.what_fits(c, Layout.of(c, 16), 80 * gib)
     assert found is None and "the float32 weights alone are 121.2 GiB" in words
     # dist.strategy=mirrored has no ZeRO and one process: only the micro-batch may change

@@ -1,4 +1,5 @@
-"""dist.zero 1 and 2: sharded optimizer state (and gradients) train exactly like stage 0.
+"""dist.zero 1, 2 and 3: sharded optimizer state (and gradients, and weights) train exactly
+like stage 0.
 
 The reference is conftest.one_process: one plain process at global batch 8, clipping active at
 every step. The ZeRO runs are 2 processes under horovodrun, with Gloo and with MPI, with 1
@@ -40,6 +41,59 @@ def test_zero_trains_like_one_process_and_holds_half_the_optimizer_state(
     shares = [report(out, rank)["optimizer_bytes"] for rank in (0, 1)]
     assert sum(shares) == whole + 4  # the moments split; each rank counts its own step
     assert max(shares) < 0.51 * whole  # half each, to a row of each tensor
+
+
+def test_zero3_trains_like_one_process_holding_half_the_weights(one_process, tmp_path,
+                                                                cache_dir):
+    """Stage 3 from scratch (Gloo, one micro-batch, no remat): the reference's losses and
+    weights, with half the weights and optimizer state on each rank; its export, written from
+    the last checkpoint, serves those weights."""
+    out = str(tmp_path)
+    horovodrun("gloo", train_args(out, cache_dir, "dist.zero=3"))
+    assert_trains_like(out, one_process)
+    whole = report(one_process, 0)
+    for key in ("weight_bytes", "optimizer_bytes"):
+        shares = [report(out, rank)[key] for rank in (0, 1)]
+        assert sum(shares) == whole[key] + (4 if key == "optimizer_bytes" else 0)
+        assert max(shares) < 0.51 * whole[key]
+    import tensorflow as tf
+    served = tf.saved_model.load(os.path.join(out, "run", "saved_model", "1"))
+    logits = served.signatures["serving_default"](
+        token_ids=tf.constant(TOKENS), padding_mask=tf.ones_like(TOKENS))["logits"].numpy()
+    from hvd_llama import checkpoint
+    reference = checkpoint.load_latest(os.path.join(one_process, "run"))[1]
+    np.testing.assert_allclose(logits, _logits(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_zero3_resumes_stage_0_and_resumes_at_stage_1(one_process, tmp_path, cache_dir):
+    """The reference's step-2 checkpoint resumed at stage 3 (MPI, two micro-batches, remat,
+    no prefetch) for steps 3-4; its step-4 checkpoint, one share file per process, exports,
+    converts and resumes at stage 1 for step 5, which ends where the reference ends. A missing
+    share file is named, and nothing changes."""
+    from hvd_llama import checkpoint
+    out = stopped_after_step_2(one_process, str(tmp_path))
+    horovodrun("mpi", train_args(out, cache_dir, "dist.zero=3", "train.grad_accum=2",
+                                 "train.remat=true", "dist.prefetch=false",
+                                 "train.resume=true", steps=4))
+    run_dir = os.path.join(out, "run")
+    step4 = os.path.join(run_dir, "checkpoints", "step-00000004")
+    assert checkpoint.read_meta(step4)["layout"] == {"processes": 2, "zero": 3}
+    exported = _exported_logits(out)
+    run([sys.executable, "-m", "hvd_llama.convert", "export-hf", run_dir, str(tmp_path / "hf")])
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
+    reference = checkpoint.load_latest(_stopped_at_step_4(one_process, tmp_path))[1]
+    for a, b in zip(checkpoint.load_latest(run_dir)[1].weights, reference.weights, strict=True):
+        assert rel_err(a.numpy(), b.numpy()) < 1e-5
+    np.testing.assert_allclose(exported, _logits(reference), rtol=1e-4, atol=1e-5)
+
+    share = os.path.join(step4, "state.data-00001-of-00002")
+    os.rename(share, share + ".away")
+    assert_one_line_error(train_cli(f"run.dir={run_dir}", f"data.cache_dir={cache_dir}",
+                                    "dist.zero=3", "train.resume=true", config=MICRO,
+                                    check=False), share, "missing")
+    os.rename(share + ".away", share)
+    horovodrun("gloo", train_args(out, cache_dir, "dist.zero=1", "train.resume=true"))
+    assert_trains_like(out, one_process)
 
 
 def test_a_checkpoint_resumes_at_every_stage_strategy_and_process_count(
@@ -129,8 +183,9 @@ def _stopped_at_step_4(reference, tmp_path):
 def test_an_overflow_or_nan_in_one_ranks_share_skips_the_step_on_every_rank(tmp_path):
     """float16 at stages 1 and 2: an Inf in rank 0's share alone skips the step and halves the
     scale on both ranks; the next step (clipped) gives stage 0's weights. The float16 training
-    step at stage 2 skips and applies as stage 0's does. float32 at stage 1: a NaN in rank 0's
-    share alone skips the step on both. Shares of uneven size (97 rows)."""
+    step at stages 2 and 3 skips and applies as stage 0's does, and so does the bfloat16 one
+    at stage 3. float32 at stage 1: a NaN in rank 0's share alone skips the step on both.
+    Shares of uneven size (97 rows)."""
     out = str(tmp_path)
     horovodrun("gloo", [WORKER, "zero_overflow", out])
     ranks = []
@@ -151,16 +206,22 @@ def test_an_overflow_or_nan_in_one_ranks_share_skips_the_step_on_every_rank(tmp_
                         arrays(os.path.join(out, f"zero0-rank{rank}.npz")), strict=True):
             assert rel_err(a, b) < 1e-6
     assert [r["nan"] for r in ranks] == [{"changed": False, "norm": "nan"}] * 2
-    # The float16 training step, stage 2 streaming against stage 0: the same overflow skip
-    # (step 2's loss is step 1's: nothing applied), the same scales, then the same updates.
-    for r in ranks:
-        (loss1, norm1, scale1), (loss2, _, scale2), _ = r["stream2"]
-        assert math.isnan(norm1) and scale1 == 2.0 ** 39 and loss2 == loss1 and scale2 == 1024
-        np.testing.assert_allclose(r["stream2"], r["stream0"], rtol=1e-6)
-    for rank in (0, 1):
-        for a, b in zip(arrays(os.path.join(out, f"stream2-rank{rank}.npz")),
-                        arrays(os.path.join(out, f"stream0-rank{rank}.npz")), strict=True):
-            assert rel_err(a, b) < 1e-5
+    # The float16 training step, stage 2 streaming and stage 3 gathering against stage 0: the
+    # same overflow skip (step 2's loss is step 1's: nothing applied), the same scales, then
+    # the same updates. bfloat16 at stage 3 against stage 0: the same steps.
+    for stage, reference in (("stream2", "stream0"), ("stream3", "stream0"),
+                             ("bf16-3", "bf16-0")):
+        for r in ranks:
+            if stage.startswith("stream"):
+                (loss1, norm1, scale1), (loss2, _, scale2), _ = r[stage]
+                assert math.isnan(norm1) and scale1 == 2.0 ** 39 and loss2 == loss1
+                assert scale2 == 1024
+            np.testing.assert_allclose(r[stage], r[reference], rtol=1e-6)
+        for rank in (0, 1):
+            for a, b in zip(arrays(os.path.join(out, f"{stage}-rank{rank}.npz")),
+                            arrays(os.path.join(out, f"{reference}-rank{rank}.npz")),
+                            strict=True):
+                assert rel_err(a, b) < 1e-5
 
 
 def test_shares_split_rows_as_horovods_reduce_scatter_does():
