@@ -1,12 +1,15 @@
-"""ZeRO benchmark (make bench-zero): dist.zero 0, 1 and 2 at 2 processes (horovodrun, Gloo) on
+"""ZeRO benchmark (make bench-zero): dist.zero 0 to 3 at 2 processes (horovodrun, Gloo) on
 this host, one after another in one invocation, at the same global batch:
 
   speed    configs/tiny.yaml and configs/small.yaml, 1 and 2 micro-batches a step: tokens/s and
            the step split into compute, communication (allreduce; or reduce-scatter, the
-           norm's allreduce and all-gather) and the update; ratios against dist.zero=0
+           norm's allreduce and all-gather; at stage 3 each micro-batch's all-gathers of the
+           weights and reduce-scatter, timed alone and taken out of the gradient pass that
+           holds them) and the update; ratios against dist.zero=0
   memory   a 142M-parameter model at 1 x 64 tokens per process and micro-batch, 1 and 2
-           micro-batches a step, where AdamW's state dominates: peak RSS per process, and its
-           drop from dist.zero=0 against the drop the dry run predicts
+           micro-batches a step, where AdamW's state dominates (stages 0-2); and a thin one,
+           24 layers and 168M parameters with train.remat, where the weights do (stages 0, 2,
+           3): peak RSS per process, and its drop from dist.zero=0 against the dry run's
 
 Each run is `python -m hvd_llama.bench` in a fresh process (STEPS_RUNS: how many a row). Writes
 bench/results/<date>-<host>-zero.json and .md and replaces the table in BENCHMARKS.md.
@@ -24,16 +27,22 @@ from steps import REPO, hvd_llama_bench, publish
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- zero:begin -->", "<!-- zero:end -->"
 PROCESSES = 2
-SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2)]
+SPEED = [(zero, accum) for accum in (1, 2) for zero in (0, 1, 2, 3)]
 # Timed steps of each run (tiny's are 0.5 s and noisy), and runs of each row, one stage after
 # another in turn: the row is the run of median tokens/s, with the median peak RSS. On a shared
 # 2-vCPU VM a whole run of tiny is sometimes 20% slow, and 142M's peak RSS differs by up to
 # 0.05 GiB from run to run, so one run is not a figure.
-STEPS_RUNS = {"tiny": (20, 3), "small": (3, 1), "142M": (3, 3)}
+STEPS_RUNS = {"tiny": (20, 3), "small": (3, 1), "142M": (3, 3), "thin": (3, 3)}
 # configs/small.yaml widened to 142M parameters, 96% of them in the decoder blocks; one
 # sequence of 64 tokens per process and micro-batch.
 MEMORY = ["model.hidden_dim=1024", "model.num_layers=10", "model.intermediate_dim=2752",
           "model.num_query_heads=16", "model.num_key_value_heads=16", "data.seq_len=64"]
+
+# Many thin layers, with train.remat: the weights dominate, and stage 3 gathers a layer at a
+# time. 168M parameters, one sequence of 64 tokens per process.
+THIN = ["model.hidden_dim=768", "model.num_layers=24", "model.intermediate_dim=1792",
+        "model.num_query_heads=12", "model.num_key_value_heads=12", "data.seq_len=64",
+        f"train.global_batch={PROCESSES}", "train.remat=true"]
 
 
 def main():
@@ -51,6 +60,7 @@ def main():
     runs += [("142M", small, [*MEMORY, f"train.global_batch={PROCESSES * accum}",
                               f"train.grad_accum={accum}"], zero)
              for accum in (1, 2) for zero in (0, 1, 2)]
+    runs += [("thin", small, THIN, zero) for zero in (0, 2, 3)]
     runs = [run for name, (_, repeats) in STEPS_RUNS.items() for _ in range(repeats)
             for run in runs if run[0] == name]
     rows = []

@@ -142,13 +142,16 @@ def _time_parts(c, layout, model, optimizer, jit, steps):
     the steps, before the parts hold gradients of their own."""
     import numpy as np
     import tensorflow as tf
-    from hvd_llama import step as step_lib
+    from hvd_llama import step as step_lib, zero
     tokens = tf.constant(np.random.default_rng(layout.rank).integers(
         0, c.model.vocab_size, (layout.grad_accum, layout.process_batch, layout.seq_len + 1),
         np.int32))
     step = step_lib.make_train_step(model, optimizer, layout, jit)
-    gradients = step_lib.make_gradients(model, layout, jit)
-    communicate = tf.function(lambda g: _collectives(g, layout, c.dist.compression))
+    gathered = layout.zero == 3  # the gradient pass gathers the weights: its collectives inside
+    gradients = zero.gathered_gradients(
+        optimizer, lambda t: step_lib.token_loss(model, t, training=True)) if gathered \
+        else step_lib.make_gradients(model, layout, jit)
+    communicate = tf.function(lambda g: _collectives(g, layout, c, model))
 
     step_s = _seconds_per_call(lambda: float(step(tokens)[0]), steps)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -158,23 +161,34 @@ def _time_parts(c, layout, model, optimizer, jit, steps):
     grads = gradients(tokens, one)[1]
     communication_s = _seconds_per_call(lambda: [g.numpy() for g in communicate(grads)], split) \
         if layout.processes > 1 else 0.0  # one process does not communicate
+    if gathered:  # the collectives, timed alone, out of the gradient pass that holds them
+        compute_s -= communication_s
     return step_s, compute_s, communication_s, peak_rss
 
 
-def _collectives(grads, layout, compression):
+def _collectives(grads, layout, c, model):
     """A step's collectives on its gradients: stage 0's allreduce; ZeRO's reduce-scatter (one
-    per micro-batch at stage 2), the allreduce of the norm's two sums, and the all-gather."""
+    per micro-batch from stage 2), the allreduce of the norm's two sums, and the all-gather
+    (at stage 3 one per micro-batch, two with remat, and none after the update)."""
     import tensorflow as tf
     from hvd_llama import distributed as dist
     if not layout.zero:
-        return dist.allreduce_gradients(grads, compression=compression)
-    shares = dist.reducescatter_gradients(grads, compression)
-    for _ in range(layout.grad_accum - 1 if layout.zero == 2 else 0):  # all used: none pruned
-        more = dist.reducescatter_gradients(grads, compression)
+        return dist.allreduce_gradients(grads, compression=c.dist.compression)
+    if layout.zero == 3:  # grads are the shares'; the collectives carry whole tensors
+        wholes = [tf.zeros(v.shape) for v in model.trainable_variables]
+        gathers = layout.grad_accum * (2 if c.train.remat else 1)
+        for _ in range(gathers):
+            wholes = [w + g for w, g in zip(wholes, dist.allgather_shares(grads))]
+        shares = dist.reducescatter_gradients(wholes, c.dist.compression)
+    else:
+        shares = dist.reducescatter_gradients(grads, c.dist.compression)
+    for _ in range(layout.grad_accum - 1 if layout.zero >= 2 else 0):  # all used: none pruned
+        more = dist.reducescatter_gradients(wholes if layout.zero == 3 else grads,
+                                            c.dist.compression)
         shares = [s + m for s, m in zip(shares, more)]
     sums = dist.allreduce_sum(tf.stack([tf.reduce_sum(shares[0]), tf.reduce_sum(shares[-1])]))
     with tf.control_dependencies([sums]):  # as in the step: the gather waits for the norm
-        return dist.allgather_shares(shares)
+        return dist.allgather_shares(shares) if layout.zero < 3 else [*shares, sums]
 
 
 def measure_single(args, n):

@@ -62,9 +62,12 @@ def test_step_bench_two_processes_with_a_given_single_figure():
 
 def test_step_bench_measures_the_single_process_figure_under_mpi():
     """--measure-single: rank 0's child must run as a plain process although mpirun's
-    environment surrounds it."""
-    r = last_json(horovodrun("mpi", [*STEP, "--measure-single"]))
+    environment surrounds it. At dist.zero=3 with remat, whose collectives (two all-gathers of
+    the weights and a reduce-scatter) are timed alone."""
+    r = last_json(horovodrun("mpi", [*STEP, "dist.zero=3", "train.remat=true",
+                                     "--measure-single"]))
     check_step_figures(r, 2)
+    assert r["zero"] == 3 and r["communication_s"] > 0
     assert r["controller"] == "mpi" and r["single_tokens_per_s"] > 0
     assert r["scaling_efficiency"] == pytest.approx(
         r["tokens_per_s"] / (2 * r["single_tokens_per_s"]))
