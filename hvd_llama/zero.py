@@ -1,4 +1,5 @@
-"""ZeRO stages 1 and 2 (Rajbhandari et al., 2019) over Horovod's reduce-scatter and all-gather.
+"""ZeRO stages 1 and 2 (Rajbhandari et al., 2019) over Horovod's reduce-scatter and all-gather,
+and stage 3's optimizer and gradients (its model is zero3.py's).
 
 Every process keeps the full float32 weights, which its forward and backward passes need, but
 owns only a share of each tensor's rows (Layout.share: the rows Horovod's reduce-scatter hands
