@@ -108,7 +108,7 @@ def build(c, layout):
     DistributedOptimizer of stage 0 or ZeRO's ShardedOptimizer, over Layout `layout`."""
     with replicas.strategy().scope():  # mirrored/hybrid: a copy of every variable per device
         if layout.zero == 3:  # the shares are the weights; the model's are never allocated
-            model, shares = zero3.build(c, layout, c.dist.prefetch)
+            model, shares = zero3.build(c, layout)
         else:
             model = model_lib.build(c.model, c.train.seed, c.train.precision, c.train.remat)
             shares = None

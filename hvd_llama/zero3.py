@@ -24,7 +24,7 @@ import tensorflow as tf
 from hvd_llama import compat, distributed as dist, model as model_lib
 
 
-def build(c, layout, prefetch=True):
+def build(c, layout):
     """(model, shares) for Config c on Layout `layout`: the model, unallocated, its layers
     gathering their weights; the shares, one float32 keras.Variable of this process's rows of
     each of model.trainable_variables, initialised as the model would initialise it."""
@@ -42,7 +42,7 @@ def build(c, layout, prefetch=True):
     for layer in model_lib.weight_layers(model):
         compat.call_with_weights(layer, _gather(
             [share_of[id(w)] for w in layer.trainable_variables],
-            [w.shape for w in layer.trainable_variables], last_input, prefetch,
+            [w.shape for w in layer.trainable_variables], last_input, c.dist.prefetch,
             c.dist.compression))
     if c.train.remat:  # after the gathering: a block's recomputation gathers again
         model_lib.recompute_blocks(model)
