@@ -18,14 +18,17 @@ Hooks (the function here: who calls it, and what it relies on)
   tf.Variable at `.value`; Horovod's ops take only tf.Variables.
 - recompute_in_backward: model.build (train.remat). A decoder block's `call` replaced on the
   instance by a tf.recompute_grad wrapper; keras.RematScope fails on keras-hub in graph mode.
+- rows: zero.ShardedOptimizer, zero3.build. A leading-rows slice of a TF tensor is a view of
+  its buffer, which a variable made or assigned from it keeps alive whole.
 - reduce_in_backward: zero.stream_gradients (dist.zero=2). A layer's `call` replaced on the
   instance by a tf.custom_gradient wrapper whose backward pass reduce-scatters the layer's
-  weight gradients as soon as they exist.
+  weight gradients as soon as they exist (and may hold back its input's gradient).
 - build_unallocated: zero3.build (dist.zero=3). Keras defers a variable created inside a
   StatelessScope: its private `_initializer` is kept and nothing is allocated, unless a later
   StatelessScope's exit allocates every deferred variable (a private global list).
 - call_with_weights: zero3.build. A layer's `call` replaced on the instance by one that runs
-  it inside a StatelessScope mapping its weights to tensors given at each call.
+  it, on an input and inside a StatelessScope mapping its weights to tensors, both given at
+  each call.
 - build_cache: generate.make_generate. keras-hub's private prefill, LlamaCausalLM._build_cache.
 - index_shuffle: data.sequence_ids. The raw RandomIndexShuffle op: the public
   tf.random.experimental.index_shuffle mangles a batch of seeds.
@@ -95,6 +98,14 @@ def tf_variables(variables):
             for v in variables]
 
 
+# TF 2.21: slicing a tensor's leading rows returns a view of its buffer, and a variable created
+# or assigned from that view keeps the whole buffer alive (all of a weight for 1/N of its rows).
+def rows(tensor, start, stop):
+    """A copy of rows start:stop of `tensor` in a buffer of their own."""
+    import tensorflow as tf
+    return tf.raw_ops.DeepCopy(x=tensor[start:stop])
+
+
 # keras-hub 0.32's decoder blocks are called with (sequence, decoder_padding_mask=,
 # training=) and, with a KV cache, self_attention_cache*=; TF 2.21's tf.recompute_grad takes
 # positional arguments only in graph mode, which is also why keras.RematScope fails there.
@@ -123,9 +134,11 @@ def recompute_in_backward(block):
 # tf.custom_gradient in graph mode passes the grad function the variables read in the forward
 # and takes None as their gradients.
 def reduce_in_backward(layer, sink, active):
-    """Make a layer hand its weights' gradients to sink(weights, gradients) in its backward pass
-    (those this call used; the tape gets None for them), by replacing its instance's `call`,
-    while active() is true when the call is traced. Otherwise the layer runs as written."""
+    """Make a layer hand its weights' gradients to sink(weights, gradients, dx) in its backward
+    pass (those this call used; the tape gets None for them), which returns the gradient of
+    the layer's input to pass on in place of dx (None for token ids), by replacing its
+    instance's `call`, while active() is true when the call is traced. Otherwise the layer
+    runs as written."""
     import tensorflow as tf
     call, weights = layer.call, layer.trainable_variables
 
@@ -144,7 +157,7 @@ def reduce_in_backward(layer, sink, active):
                 dx, *grads = tape.gradient(y, [x, *weights], output_gradients=dy)
                 used = [(w, tf.convert_to_tensor(g)) for w, g in zip(weights, grads)
                         if g is not None]  # an untied embedding's two calls use one each
-                sink([w for w, _ in used], [g for _, g in used])
+                dx = sink([w for w, _ in used], [g for _, g in used], dx)
                 return dx, [None] * len(variables)
             return y, backward
         return forward(x)
@@ -183,14 +196,15 @@ def build_unallocated(make_backbone, make_model):
 # Keras 3.15 reads a variable's value through its `value` property, which looks the variable up
 # in the active StatelessScope's mapping first (and autocasts it as usual).
 def call_with_weights(layer, weights):
-    """Make a layer run its call with its trainable variables read as the tensors
-    weights(first argument of the call) returns, in their order, by replacing its instance's
-    `call`."""
+    """Make a layer run its call on the first argument x and with its trainable variables
+    read as the tensors of weights(x) -> (x to call with, tensors in the variables' order), by
+    replacing its instance's `call`."""
     import keras
     call, variables = layer.call, layer.trainable_variables
 
     def mapped_call(x, *args, **kwargs):
-        with keras.StatelessScope(state_mapping=list(zip(variables, weights(x))),
+        x, tensors = weights(x)
+        with keras.StatelessScope(state_mapping=list(zip(variables, tensors)),
                                   initialize_variables=False):
             return call(x, *args, **kwargs)
 

@@ -155,25 +155,6 @@ def allgather_shares(shares):
     return [_hvd.allgather(tf.convert_to_tensor(s)) for s in shares]
 
 
-def allgather_weights(shares, shapes, compression="none"):
-    """The whole tensors (of `shapes`) of allgather_shares, differentiable the ZeRO-3 way: the
-    gradient of each share is the whole tensor's gradient averaged over processes and
-    reduce-scattered (reducescatter_gradients), where Horovod's own gradient of allgather
-    allreduces it whole."""
-
-    @tf.custom_gradient
-    def gather(*shares):
-        wholes = [tf.ensure_shape(w, s) for w, s in zip(allgather_shares(shares), shapes)]
-
-        def grad(*upstream):  # None where a whole tensor went unused
-            return reducescatter_gradients(
-                [tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
-                 for w, g in zip(wholes, upstream)], compression)
-        return wholes, grad
-
-    return gather(*shares)
-
-
 def allreduce_sum(tensor):
     """The sum over all processes of a tensor (inside a tf.function too)."""
     if _hvd is None or size() == 1:

@@ -39,14 +39,17 @@ def flops_per_token(mc, seq_len):
 def memory_per_replica(c, layout):
     """Estimated bytes per replica (one device; one process under dist.strategy=horovod) of
     Layout `layout` at its ZeRO stage (layout.zero), for n parameters over N = layout.processes
-    Horovod processes and k = layout.grad_accum micro-batches a step. All state is float32
-    (mixed precision keeps float32 weights and casts per op):
+    Horovod processes and k = layout.grad_accum micro-batches a step, at the peak of a step.
+    All state is float32 (mixed precision keeps float32 weights and casts per op):
       weights     4n; from stage 1 also a copy of this process's share (n/N), which the
-                  optimizer updates before the all-gather; stage 3 that share and the whole
-                  weights gathered at once (_weights)
-      gradients   stages 0-1: 4n, and with k > 1 a micro-batch's gradients not yet added to
-                  them; from stage 2: the accumulated share 4n/N, and those not yet
-                  reduce-scattered (_gradients)
+                  optimizer updates, and the whole tensors all-gathered from the shares
+                  before they replace the weights; stage 3 that share and the whole weights
+                  gathered at once (_weights)
+      gradients   4n, and the collective's output beside them (stage 0 the allreduce's, 4n;
+                  stage 1 the reduce-scatter's, 4n/N); with k > 1 a micro-batch's gradients
+                  not yet added to them; from stage 2: the accumulated share 4n/N, and those
+                  not yet reduce-scattered (_gradients). With N > 1 also Horovod's fusion
+                  buffer (dist.fusion_threshold_mb), allocated at its first collective
       optimizer   AdamW's two moments, 8n; from stage 1 of the share only
     Under dist.strategy hybrid and mirrored every device holds all of this (the process's
     share of the optimizer state included): the figures are per device.
@@ -84,12 +87,20 @@ def streams(layout, compiled):
 
 
 def _weights(c, layout, n, share):
-    """Bytes of weights alive at once. At stage 3, the share and the whole weights gathered:
-    with train.remat those of the layer computing, and of the next one with dist.prefetch (a
-    block, and the larger of a block and an embedding matrix, as in _gradients); without remat
-    every layer's, which the backward pass keeps from the forward pass."""
+    """Bytes of weights alive at once. Stages 1-2: the weights, the share, and with N > 1 the
+    whole tensors of one of ShardedOptimizer's all-gather groups (dist.fusion_threshold_mb of
+    them, or a larger tensor alone; under dist.autotune Horovod fuses by its own threshold,
+    the groups keep this one). At stage 3, the share and the whole weights gathered: with
+    train.remat those of the layer computing, and of the next one with dist.prefetch (a block,
+    and the larger of a block and an embedding matrix, as in _gradients); without remat every
+    layer's, which the backward pass keeps from the forward pass."""
+    if layout.zero == 0:
+        return 4 * n
     if layout.zero < 3:
-        return 4 * n + (4 * share if layout.zero else 0)
+        mc = c.model
+        largest = 4 * mc.hidden_dim * max(mc.vocab_size, mc.intermediate_dim)
+        group = min(4 * n, max(c.dist.fusion_threshold_mb << 20, largest))
+        return 4 * n + 4 * share + (group if layout.processes > 1 else 0)
     layers = _neighbours(c.model, 2 if c.dist.prefetch else 1)
     return 4 * share + 4 * (layers if c.train.remat else n)
 
@@ -108,14 +119,17 @@ def _gradients(c, layout, n, share):
     (streams) or added to the accumulator (k > 1) as they come, so about two layers' are in
     flight, one consumed while the next is computed. Compiled (planned for as on a GPU), a
     micro-batch's whole gradient comes at once, and so does the in-process mean over devices
-    (hybrid)."""
+    (hybrid). Below stage 2 the step's collective then takes the whole gradient, and its
+    output exists beside it until the update."""
     two_layers = 4 * _neighbours(c.model, 2)
     compiled = compiles(c, layout, on_gpu=True)
+    fusion = c.dist.fusion_threshold_mb << 20 if layout.processes > 1 else 0
     if layout.zero >= 2:
-        return 4 * share + (two_layers if streams(layout, compiled) else 4 * n)
-    if layout.grad_accum == 1:
-        return 4 * n
-    return 4 * n + (4 * n if compiled or layout.devices > 1 else two_layers)
+        return fusion + 4 * share + (two_layers if streams(layout, compiled) else 4 * n)
+    micro_batch = 0 if layout.grad_accum == 1 else (
+        4 * n if compiled or layout.devices > 1 else two_layers)
+    output = 0 if layout.processes == 1 else 4 * (share if layout.zero else n)
+    return fusion + 4 * n + max(micro_batch, output)
 
 
 def _total(c, layout):

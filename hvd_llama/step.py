@@ -114,8 +114,9 @@ def build(c, layout):
             shares = None
         variables = model.trainable_variables
         if layout.zero:
-            optimizer = zero.ShardedOptimizer(c.train, variables, layout, c.dist.compression,
-                                              shares)
+            optimizer = zero.ShardedOptimizer(c.train, variables, layout,
+                                              c.dist.fusion_threshold_mb << 20,
+                                              c.dist.compression, shares)
         else:
             optimizer = dist.DistributedOptimizer(
                 optim.build(c.train, optim.schedule(c.train), variables),

@@ -16,6 +16,8 @@ overflow test judge the whole averaged gradient: each process sums the squares o
 and one small allreduce adds the N sums up, so every process takes the same decision.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -27,15 +29,18 @@ class ShardedOptimizer:
     DistributedOptimizer of stage 0: `apply(grads)` returns the global norm of the averaged
     (still loss-scaled) gradients."""
 
-    def __init__(self, tc, variables, layout, compression="none", shares=None):
+    def __init__(self, tc, variables, layout, gather_bytes, compression="none", shares=None):
         self.variables = list(variables)  # the model's: whole on every process below stage 3
         self.stage, self.compression = layout.zero, compression
         self.rows = [layout.share(v.shape[0]) for v in self.variables]
+        self.gather_groups = _groups([4 * math.prod(v.shape) for v in self.variables],
+                                     gather_bytes) if self.stage < 3 else []
         # A float32 copy of this process's rows of each weight, which AdamW updates in place
         # (Keras optimizers update variables; a slice of one is not a variable). At stage 3
         # zero3.build's, the only copy.
-        self.shares = shares or [keras.Variable(v[a:b], name=f"share_{i}", trainable=False)
-                                 for i, (v, (a, b)) in enumerate(zip(self.variables, self.rows))]
+        self.shares = shares or [
+            keras.Variable(compat.rows(v, a, b), name=f"share_{i}", trainable=False)
+            for i, (v, (a, b)) in enumerate(zip(self.variables, self.rows))]
         self.inner = optim.build(tc, optim.schedule(tc), self.shares, like=self.variables)
         self.scaled = isinstance(self.inner, keras.optimizers.LossScaleOptimizer)  # float16
         self.whole_norm = None  # set by apply, read by the clipping in the same trace
@@ -62,7 +67,7 @@ class ShardedOptimizer:
         if self.stage == 3:
             return
         for share, v, (a, b) in zip(self.shares, self.variables, self.rows):
-            share.assign(v[a:b])
+            share.assign(compat.rows(v, a, b))
 
     def apply(self, grads, variables=None):
         """Update the weights (self.variables; `variables` is accepted as stage 0's apply
@@ -72,7 +77,9 @@ class ShardedOptimizer:
         into the weights."""
         shares = grads if self.stage >= 2 else \
             dist.reducescatter_gradients(grads, self.compression)
-        sums = [tf.add_n([tf.reduce_sum(tf.square(s)) for s in shares])]
+        # Dot products: tf.square would make a temporary of each share, all at once.
+        flat = [tf.reshape(s, [-1]) for s in shares]
+        sums = [tf.add_n([tf.tensordot(f, f, 1) for f in flat])]
         if self.scaled:
             sums.append(tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(s), tf.float32))
                                   for s in shares]))
@@ -94,9 +101,20 @@ class ShardedOptimizer:
 
             tf.cond(tf.math.is_finite(norm), update, lambda: tf.constant(False))
         if self.stage < 3:
-            for v, whole in zip(self.variables, dist.allgather_shares(self.shares)):
-                v.assign(whole)
+            self._gather_weights()
         return norm
+
+    def _gather_weights(self):
+        """All-gather the updated shares into the weights, one group of about gather_bytes of
+        whole tensors after another: a group's all-gathers start once the group before is
+        assigned (and the weights it replaced are freed), so at most one group exists beside
+        the weights rather than a second copy of all of them. Horovod fuses each group."""
+        weights, assigned = compat.tf_variables(self.variables), []
+        for group in self.gather_groups:
+            with tf.control_dependencies(assigned):
+                wholes = dist.allgather_shares([self.shares[i] for i in group])
+            # The assign ops themselves: Keras's assign returns the value it was given.
+            assigned = [weights[i].assign(w, read_value=False) for i, w in zip(group, wholes)]
 
 
 def stream_gradients(model, optimizer, loss_fn):
@@ -105,8 +123,8 @@ def stream_gradients(model, optimizer, loss_fn):
     loss_fn(tokens) the loss of one micro-batch. Each layer's backward pass reduce-scatters its
     weights' gradients as soon as it has them and adds this process's share into an
     accumulator (compat.reduce_in_backward), so a whole gradient never exists: 4n/N bytes of
-    accumulated shares and the gradients of the layers not yet reduced, for one reduce-scatter
-    per micro-batch."""
+    accumulated shares and the gradients of the layers not yet reduced (about two: held_until),
+    for one reduce-scatter per micro-batch."""
     variables = optimizer.variables
     where = {id(v): i for i, v in enumerate(variables)}
     layers = model_lib.weight_layers(model)
@@ -114,16 +132,19 @@ def stream_gradients(model, optimizer, loss_fn):
         raise RuntimeError("zero.stream_gradients: model.weight_layers misses some weights")
     accumulated = [tf.Variable(tf.zeros_like(s), trainable=False) for s in optimizer.shares]
     tracing = [False]  # the layers reduce only in the backward pass traced below
+    above = [None]  # the accumulation of the layer whose backward pass was traced last
 
-    def sink(weights, grads):
-        for w, share in zip(weights, dist.reducescatter_gradients(grads, optimizer.compression)):
-            accumulated[where[id(w)]].assign_add(share)
+    def sink(weights, grads, dx):
+        shares = dist.reducescatter_gradients(grads, optimizer.compression)
+        added = [accumulated[where[id(w)]].assign_add(s) for w, s in zip(weights, shares)]
+        dx, above[0] = held_until(dx, above[0]), added
+        return dx
 
     for layer in layers:
         compat.reduce_in_backward(layer, sink, lambda: tracing[0])
 
     def micro_step(micro_batch, scale):  # [1, b, seq_len + 1]
-        tracing[0] = True
+        tracing[0], above[0] = True, None
         try:
             with tf.GradientTape() as tape:
                 loss = loss_fn(micro_batch[0])
@@ -134,6 +155,18 @@ def stream_gradients(model, optimizer, loss_fn):
         return loss
 
     return _accumulating(micro_step, accumulated)
+
+
+def held_until(dx, done):
+    """The gradient dx of a layer's input, once the ops `done` (None: none) have run. The
+    backward pass goes on to the layer below with it: held until the layer above has
+    reduce-scattered, it bounds the whole gradients that wait for their reduce-scatter to
+    about two layers' where the collectives are slower than the compute (they would otherwise
+    pile up), for no wait where they keep up."""
+    if dx is None or not done:
+        return dx
+    with tf.control_dependencies(done):
+        return tf.identity(dx)
 
 
 def share_gradients(gradients, optimizer):
@@ -193,3 +226,15 @@ def _accumulating(micro_step, accumulated):
         return loss / k, [a.read_value() for a in accumulated]
 
     return shared
+
+
+def _groups(sizes, limit):
+    """Consecutive indices of `sizes` in groups of at most `limit` in all (a larger size alone)."""
+    groups, total = [], limit
+    for i, size in enumerate(sizes):
+        if total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups

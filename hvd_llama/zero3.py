@@ -7,7 +7,7 @@ weights (the token embedding, which is also the output projection when tied, eac
 block, the final norm) runs its own call on whole weights all-gathered from the shares just
 before (compat.call_with_weights), and lets them go after. The all-gather's gradient
 reduce-scatters the whole weights' gradients back to the shares, averaged over processes
-(distributed.allgather_weights), so the backward pass yields the shares' gradients.
+(_gather), so the backward pass yields the shares' gradients.
 
     forward, layer by layer:  shares ──all-gather──▶ whole weights ──▶ the layer's call
     backward:                 the layer's weight gradients ──reduce-scatter──▶ the shares'
@@ -21,7 +21,7 @@ Without remat the backward pass keeps every layer's whole weights from the forwa
 import keras
 import tensorflow as tf
 
-from hvd_llama import compat, distributed as dist, model as model_lib
+from hvd_llama import compat, distributed as dist, model as model_lib, zero
 
 
 def build(c, layout):
@@ -36,41 +36,83 @@ def build(c, layout):
         a, b = layout.share(v.shape[0])
         # Trainable: tf.recompute_grad (train.remat) differentiates only by the trainable
         # variables its function reads.
-        shares.append(keras.Variable(initial[id(v)]()[a:b], name=f"share_{i}"))
+        shares.append(keras.Variable(compat.rows(initial[id(v)](), a, b),
+                                     name=f"share_{i}"))
     share_of = {id(v): s for v, s in zip(model.trainable_variables, shares)}
-    last_input = _LastInput()
+    order = _Order()
     for layer in model_lib.weight_layers(model):
         compat.call_with_weights(layer, _gather(
             [share_of[id(w)] for w in layer.trainable_variables],
-            [w.shape for w in layer.trainable_variables], last_input, c.dist.prefetch,
+            [w.shape for w in layer.trainable_variables], order, c.dist.prefetch,
             c.dist.compression))
     if c.train.remat:  # after the gathering: a block's recomputation gathers again
         model_lib.recompute_blocks(model)
     return model, shares
 
 
-def _gather(shares, shapes, last_input, prefetch, compression):
-    """A layer's weights(x): its whole weights, all-gathered once x (the layer's input) exists,
-    or with prefetch once the input of the layer called before it does."""
+def _gather(shares, shapes, order, prefetch, compression):
+    """A layer's weights(x) -> (x, its whole weights): all-gathered once x (the layer's input)
+    exists, or with prefetch once the input of the layer called before it does. Their
+    gradient reduce-scatters the whole weights' gradients into the shares' (averaged over the
+    processes, where Horovod's own gradient of allgather allreduces them whole), and holds
+    back x's gradient, with which the backward pass goes on to the layer below, until the
+    layer above has reduce-scattered: where the collectives are slower than the compute,
+    whole gradients waiting for them would otherwise pile up (at most two layers' exist)."""
     # The tf.Variables, float32: read through Keras inside the layer's call, a mixed
     # precision policy would cast them to 16 bits first (and Horovod gathers no bfloat16).
     shares = compat.tf_variables(shares)
 
+    @tf.custom_gradient
+    def gather(x, *shares):
+        wholes = [tf.ensure_shape(w, s) for w, s in zip(dist.allgather_shares(shares), shapes)]
+
+        def grad(dx, *upstream):  # None where a whole tensor went unused
+            below = order.scattered_above(dx)
+            # Zeros of the static shape, not zeros_like: that would keep the forward's whole
+            # weights alive until this backward step.
+            grads = dist.reducescatter_gradients(
+                [tf.zeros(s) if g is None else tf.convert_to_tensor(g)
+                 for s, g in zip(shapes, upstream)], compression)
+            order.scattered(grads)
+            return (below, *grads)
+        return (tf.identity(x), *wholes), grad
+
     def weights(x):
-        previous = last_input.swap(x)
+        previous = order.swap_input(x)
         after = previous if prefetch and previous is not None else x
         with tf.control_dependencies([after]):
-            return dist.allgather_weights(shares, shapes, compression)
+            if x.dtype.is_floating:
+                x, *wholes = gather(x, *shares)
+                return x, wholes
+            # Token ids have no gradient to hold back: the embedding's lookup, first forward
+            # and last backward.
+            return x, gather(tf.zeros([]), *shares)[1:]
     return weights
 
 
-class _LastInput:
-    """The input of the layer whose weights were gathered last, in the graph being traced."""
+class _Order:
+    """What the layers' gathers need of the layer called before them in the graph being traced:
+    its input (forward pass) and, in the backward pass, the reduce-scatter of the layer whose
+    gradients were taken before (the one above)."""
 
     def __init__(self):
-        self.last = None
+        self.input = self.scatter = None
 
-    def swap(self, x):
-        last, self.last = self.last, x
-        same_graph = last is not None and getattr(last, "graph", None) is getattr(x, "graph", 0)
-        return last if same_graph else None
+    def swap_input(self, x):
+        """The input of the layer that gathered last in x's graph (None if none), now x."""
+        last, self.input = self._same_graph(self.input, x), x
+        return last
+
+    def scattered_above(self, dx):
+        """dx, once the reduce-scatter of the layer above (in dx's graph) is done."""
+        return zero.held_until(dx, self._same_graph(self.scatter, dx))
+
+    def scattered(self, grads):
+        self.scatter = grads
+
+    @staticmethod
+    def _same_graph(tensors, x):
+        first = tensors[0] if isinstance(tensors, list) and tensors else tensors
+        graph = getattr(x, "graph", 0)
+        return tensors if first is not None and getattr(first, "graph", None) is graph \
+            else None

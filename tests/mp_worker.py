@@ -193,7 +193,7 @@ def zero_overflow(out):
         model = model_lib.build(cfg.model, seed=0, precision="float16")
         variables = model.trainable_variables
         layout = Layout(dist.size(), 1, r, 1, 1, 8, zero=stage)
-        opt = zero.ShardedOptimizer(cfg.train, variables, layout)
+        opt = zero.ShardedOptimizer(cfg.train, variables, layout, 128 << 20)
         # Stage 1 is handed whole gradients, stage 2 this rank's shares: 1000 (clipped after
         # unscaling by 2 ** 15). An Inf in row 0 of the first tensor of rank 0's gradient
         # lands in rank 0's share in both: rank 1's share is finite.
@@ -223,12 +223,17 @@ def zero_overflow(out):
     # gradients as it goes: zero.stream_gradients) and 3 (the weights gathered layer by layer)
     # against stage 0's, 2 micro-batches of this rank's own tokens: a loss scale of 2^40
     # overflows in the backward pass (step skipped, scale halved), then 2 steps from a scale of
-    # 1024 apply. Then bfloat16, 2 steps at stages 0 and 3.
+    # 1024 apply; each tensor all-gathered on its own after the update (no fusion). Then
+    # bfloat16, 2 steps at stages 0 and 3 with remat (and prefetch) on one query head: the
+    # attention output kernel's one row leaves rank 1 a share of none.
     tokens = tf.constant(np.random.default_rng(r).integers(0, 97, (2, 2, 33)), tf.int32)
-    for precision, stages in (("float16", (0, 2, 3)), ("bfloat16", (0, 3))):
+    for precision, stages, more in (
+            ("float16", (0, 2, 3), ["dist.fusion_threshold_mb=0"]),
+            ("bfloat16", (0, 3), ["train.remat=true", "model.num_query_heads=1",
+                                  "model.num_key_value_heads=1"])):
         for stage in stages:
             cfg = config.load(MICRO, [f"train.precision={precision}", "model.vocab_size=97",
-                                      "train.grad_accum=2", f"dist.zero={stage}"])
+                                      "train.grad_accum=2", f"dist.zero={stage}", *more])
             layout = Layout.of(cfg, dist.size(), 1, r)
             model, opt, jit = step_lib.build(cfg, layout)
             assert plan.streams(layout, jit) == (stage >= 2)
@@ -250,7 +255,7 @@ def zero_overflow(out):
     cfg = config.load(MICRO, ["model.vocab_size=97"])
     model = model_lib.build(cfg.model, seed=0)
     layout = Layout(dist.size(), 1, r, 1, 1, 8, zero=1)
-    opt = zero.ShardedOptimizer(cfg.train, model.trainable_variables, layout)
+    opt = zero.ShardedOptimizer(cfg.train, model.trainable_variables, layout, 128 << 20)
     grads = [np.ones(v.shape, np.float32) for v in model.trainable_variables]
     if r == 0:
         grads[0][0] = np.nan

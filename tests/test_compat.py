@@ -107,6 +107,36 @@ def test_a_keras_variable_is_backed_by_a_tf_variable():
     assert compat.tf_variables([plain])[0] is plain
 
 
+def test_a_variable_made_from_a_slice_keeps_the_whole_tensor_and_rows_does_not():
+    """rows: a variable made or assigned from rows of a tensor, as TensorFlow slices them,
+    holds the tensor's whole buffer (TensorFlow's allocator counts it); from compat.rows, only
+    the rows'."""
+    import gc
+    import keras
+    import tensorflow as tf
+
+    def held(make, assign):  # bytes still allocated once only the variable remains
+        gc.collect()
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        whole = tf.random.normal([1024, 1024])  # 4 MiB
+        if assign:
+            variable = keras.Variable(tf.zeros([256, 1024]))  # 1 MiB
+            variable.assign(make(whole))
+        else:
+            variable = keras.Variable(make(whole))
+        del whole
+        gc.collect()
+        return tf.config.experimental.get_memory_info("CPU:0")["current"] - before, variable
+
+    for assign in (False, True):
+        sliced, _ = held(lambda t: t[256:512], assign)
+        copied, _ = held(lambda t: compat.rows(t, 256, 512), assign)
+        assert sliced >= 4 << 20 and copied == 1 << 20, (assign, sliced, copied)
+    for start, stop in ((0, 1), (3, 3)):
+        part = compat.rows(tf.reshape(tf.range(6.0), [3, 2]), start, stop).numpy()
+        np.testing.assert_array_equal(part, np.arange(6.0).reshape(3, 2)[start:stop])
+
+
 def test_decoder_blocks_take_the_arguments_the_remat_wrapper_names(lm):
     """recompute_in_backward: its wrapper names the sequence, decoder_padding_mask and
     training, and forwards the rest (the cache arguments) as they come."""
@@ -306,8 +336,9 @@ def test_a_mirrored_keras_variable_is_backed_by_one_tf_variable_over_its_copies(
 
 def test_a_layer_hands_its_weight_gradients_to_the_sink_in_its_backward_pass():
     """reduce_in_backward: in a tf.function, a Keras layer's backward pass gives the sink each
-    weight's gradient (equal to the plain one) and the tape None; inactive, the layer runs as
-    written and the tape gets the gradients."""
+    weight's gradient (equal to the plain one) and the tape None, and passes on the input
+    gradient the sink returns; inactive, the layer runs as written and the tape gets the
+    gradients."""
     import keras
     import tensorflow as tf
     layer = keras.layers.Dense(3)
@@ -316,20 +347,24 @@ def test_a_layer_hands_its_weight_gradients_to_the_sink_in_its_backward_pass():
 
     def gradients(x):
         with tf.GradientTape() as tape:
+            tape.watch(x)
             y = tf.reduce_sum(layer(x) ** 2)
-        return tape.gradient(y, layer.trainable_variables)
+        return tape.gradient(y, [x, *layer.trainable_variables])
 
     plain = gradients(x)
     sunk = {id(w): tf.Variable(tf.zeros_like(w)) for w in layer.trainable_variables}
 
-    def sink(weights, grads):
+    def sink(weights, grads, dx):
         for w, g in zip(weights, grads):
             sunk[id(w)].assign_add(g)
+        return 2 * dx
 
     active = [True]
     compat.reduce_in_backward(layer, sink, lambda: active[0])
-    assert tf.function(gradients)(x) == [None, None]
-    for w, g in zip(layer.trainable_variables, plain):
+    dx, *rest = tf.function(gradients)(x)
+    assert rest == [None, None]
+    np.testing.assert_allclose(dx.numpy(), 2 * plain[0].numpy(), rtol=1e-6)
+    for w, g in zip(layer.trainable_variables, plain[1:]):
         np.testing.assert_allclose(sunk[id(w)].numpy(), g.numpy(), rtol=1e-6)
     active[0] = False
     for a, b in zip(tf.function(gradients)(x), plain):

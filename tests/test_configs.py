@@ -69,8 +69,9 @@ def test_dry_run_prints_the_plan_and_imports_no_tensorflow():
     out = proc.stdout
     assert "parameters: 65,285,660,672" in out
     assert "2,048 sequences = 4,194,304 tokens" in out
-    # 4, 8 (a micro-batch's and the accumulator) and 8 bytes x 65.3B parameters, in GiB
-    assert re.search(r"dist.zero=0 +243.21 +486.42 +486.42 ", out)
+    # 4, 8 (a micro-batch's and the accumulator, then the allreduce's output) and 8 bytes x
+    # 65.3B parameters, in GiB; and Horovod's 128 MiB fusion buffer
+    assert re.search(r"dist.zero=0 +243.21 +486.54 +486.42 ", out)
     assert "333,786 steps" in out
     assert "step time, assuming --mfu 0.4 of 989 TFLOP/s per process (H100 datasheet" in out
 
@@ -87,7 +88,7 @@ def test_dry_run_compares_the_zero_stages_and_states_its_assumptions():
     assert "  dist.zero=2  8 reduce-scatters 202 + all-gather 25.3 = 227" in out
     out = train_cli("--dry-run", "--processes", "16", "--gpu", "H100", "--mfu", "0.5",
                     config=os.path.join(CONFIGS, "llama-7b.yaml")).stdout
-    assert "fit in 80 GiB per device (H100): dist.zero=2 fits (62.9 GiB)" in out
+    assert "fit in 80 GiB per device (H100): dist.zero=2 fits (63.6 GiB)" in out
     # 42.87 GFLOP x 262,144 tokens / (0.5 x 989 TFLOP/s) = 22.7 s; 50.54 GB / 25 GB/s = 2.02 s
     assert "dist.zero=0  compute 22.7 s + comm 2.02 s: no overlap 24.7 s, full overlap 22.7 s" \
         in out
@@ -119,25 +120,33 @@ def test_zero_shards_the_optimizer_state_and_the_accumulated_gradients(processes
     assert mem[0]["optimizer"] == 8 * n
     assert mem[1]["optimizer"] == mem[2]["optimizer"] == 8 * share
     assert mem[1]["optimizer"] == pytest.approx(mem[0]["optimizer"] / processes)
+    fusion = 128 << 20  # Horovod's buffer, dist.fusion_threshold_mb
     assert mem[0]["weights"] == 4 * n
-    assert mem[1]["weights"] == mem[2]["weights"] == 4 * n + 4 * share  # + the updated share
+    # + the updated share, + one all-gather group: 128 MiB, or the largest tensor alone
+    group = 4 * 32000 * 4096
+    assert mem[1]["weights"] == mem[2]["weights"] == 4 * n + 4 * share + group
     # jit_compile "auto" (compiled on GPUs): a micro-batch's whole gradient, and the accumulator
-    assert mem[0]["gradients"] == mem[1]["gradients"] == 8 * n
+    assert mem[0]["gradients"] == mem[1]["gradients"] == 8 * n + fusion
     # Uncompiled, two layers' in flight: here two blocks, each larger than an embedding matrix.
     block = (n - 2 * 32000 * 4096 - 4096) // 32
     assert block > 32000 * 4096
-    assert mem[2]["gradients"] == 4 * share + 2 * 4 * block  # stage 2: the share, too
+    assert mem[2]["gradients"] == 4 * share + 2 * 4 * block + fusion  # stage 2: the share, too
     eager = _llama("llama-7b", "train.jit_compile=false")
-    assert _memory(eager, processes, 0)["gradients"] == 4 * n + 2 * 4 * block
+    # the accumulator and two layers', then the accumulator and the allreduce's output
+    assert _memory(eager, processes, 0)["gradients"] == 8 * n + fusion
+    assert _memory(eager, processes, 1)["gradients"] == \
+        4 * n + max(2 * 4 * block, 4 * share) + fusion  # the reduce-scatter's output
     # hybrid: the in-process mean over devices holds a micro-batch's whole gradient
     hybrid = plan.memory_per_replica(eager, dataclasses.replace(
         Layout.of(eager, processes, 2), zero=2))
-    assert hybrid["gradients"] == 4 * share + 4 * n
+    assert hybrid["gradients"] == 4 * share + 4 * n + fusion
     assert len({m["activations"] for m in mem}) == 1
     one = _memory(_llama("llama-7b", "train.grad_accum=1"), processes, 0)
-    assert one["gradients"] == 4 * n  # nothing to accumulate into
+    assert one["gradients"] == 8 * n + fusion  # nothing to accumulate; the allreduce's output
     compiled = _memory(_llama("llama-7b", "train.jit_compile=true"), processes, 2)
-    assert compiled["gradients"] == 4 * share + 4 * n  # XLA hands over the whole gradient
+    assert compiled["gradients"] == 4 * share + 4 * n + fusion  # XLA's whole gradient
+    alone = _memory(_llama("llama-7b", "train.grad_accum=1"), 1, 0)
+    assert alone["gradients"] == 4 * n  # one process: no collective, no buffer
 
 
 def test_stage_2_in_flight_is_a_block_and_an_embedding_where_the_embedding_is_larger():
@@ -145,8 +154,9 @@ def test_stage_2_in_flight_is_a_block_and_an_embedding_where_the_embedding_is_la
     n, block, embedding = plan.param_count(c.model), 725_504, 8000 * 256
     assert plan._block_params(c.model) == block < embedding
     share = -(-n // 2)
-    assert _memory(c, 2, 2)["gradients"] == 4 * share + 4 * (block + embedding)
-    assert _memory(c, 2, 1)["gradients"] == 4 * n + 4 * (block + embedding)
+    fusion = 128 << 20
+    assert _memory(c, 2, 2)["gradients"] == 4 * share + 4 * (block + embedding) + fusion
+    assert _memory(c, 2, 1)["gradients"] == 4 * n + 4 * share + fusion  # > in flight
 
 
 def test_bytes_sent_per_step_are_the_ring_collectives():
@@ -222,7 +232,7 @@ def test_a_run_too_big_for_its_gpu_stops_naming_what_fits():
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith("a 6.7B-parameter model at dist.zero=0, micro-batch 16, ")
-    assert "needs about 155.6 GiB per GPU, but H100 GPUs have 80 GiB: dist.zero=2 fits" in message
+    assert "needs about 155.7 GiB per GPU, but H100 GPUs have 80 GiB: dist.zero=2 fits" in message
     c13 = _llama("llama-13b", "dist.zero=2")
     with pytest.raises(UserError, match=r"dist.zero=2, micro-batch 16, .*: no stage fits at "
                                         r"micro-batch 16; dist.zero=2 with train.grad_accum=32 "

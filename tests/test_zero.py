@@ -65,11 +65,11 @@ def test_zero3_trains_like_one_process_holding_half_the_weights(one_process, tmp
     np.testing.assert_allclose(logits, _logits(reference), rtol=1e-4, atol=1e-5)
 
 
-def test_zero3_resumes_stage_0_and_resumes_at_stage_1(one_process, tmp_path, cache_dir):
+def test_zero3_resumes_stage_0_and_resumes_in_one_process(one_process, tmp_path, cache_dir):
     """The reference's step-2 checkpoint resumed at stage 3 (MPI, two micro-batches, remat,
     no prefetch) for steps 3-4; its step-4 checkpoint, one share file per process, exports,
-    converts and resumes at stage 1 for step 5, which ends where the reference ends. A missing
-    share file is named, and nothing changes."""
+    converts and resumes at stage 0 in one process for step 5, which ends where the reference
+    ends. A missing share file is named, and nothing changes."""
     from hvd_llama import checkpoint
     out = stopped_after_step_2(one_process, str(tmp_path))
     horovodrun("mpi", train_args(out, cache_dir, "dist.zero=3", "train.grad_accum=2",
@@ -92,7 +92,7 @@ def test_zero3_resumes_stage_0_and_resumes_at_stage_1(one_process, tmp_path, cac
                                     "dist.zero=3", "train.resume=true", config=MICRO,
                                     check=False), share, "missing")
     os.rename(share + ".away", share)
-    horovodrun("gloo", train_args(out, cache_dir, "dist.zero=1", "train.resume=true"))
+    run([sys.executable, *train_args(out, cache_dir, "train.resume=true")])
     assert_trains_like(out, one_process)
 
 
@@ -183,9 +183,10 @@ def _stopped_at_step_4(reference, tmp_path):
 def test_an_overflow_or_nan_in_one_ranks_share_skips_the_step_on_every_rank(tmp_path):
     """float16 at stages 1 and 2: an Inf in rank 0's share alone skips the step and halves the
     scale on both ranks; the next step (clipped) gives stage 0's weights. The float16 training
-    step at stages 2 and 3 skips and applies as stage 0's does, and so does the bfloat16 one
-    at stage 3. float32 at stage 1: a NaN in rank 0's share alone skips the step on both.
-    Shares of uneven size (97 rows)."""
+    step at stages 2 and 3 skips and applies as stage 0's does (stage 2 all-gathering one
+    tensor at a time), and so does the bfloat16 one at stage 3, with remat and prefetch, where
+    rank 1 holds none of a one-row weight. float32 at stage 1: a NaN in rank 0's share alone
+    skips the step on both. Shares of uneven size (97 rows)."""
     out = str(tmp_path)
     horovodrun("gloo", [WORKER, "zero_overflow", out])
     ranks = []
@@ -233,6 +234,23 @@ def test_shares_split_rows_as_horovods_reduce_scatter_does():
             assert rows[-1][1] == dim0
             sizes = [b - a for a, b in rows]
             assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+
+
+def test_gathers_group_by_bytes_and_a_held_gradient_waits_for_its_ops():
+    """ShardedOptimizer's all-gather groups: consecutive tensors up to the byte limit, a
+    larger one alone. held_until: the gradient passed on runs after the given ops (the layer
+    above's reduce-scatter), and is dx itself when there are none."""
+    import tensorflow as tf
+    from hvd_llama import zero
+    assert zero._groups([4, 4, 4, 10, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert zero._groups([1, 1], 0) == [[0], [1]]
+    assert zero._groups([], 8) == []
+    with tf.Graph().as_default():
+        v = tf.Variable(0.0)
+        done = v.assign_add(1.0, read_value=False)
+        dx = tf.constant(2.0)
+        assert done in zero.held_until(dx, [done]).op.control_inputs
+        assert zero.held_until(dx, None) is dx and zero.held_until(None, [done]) is None
 
 
 def test_a_checkpoint_written_by_three_processes_reads_into_two(tmp_path):
