@@ -8,7 +8,9 @@
 #              and PyTorch eager/DDP, 1 and $(NP) processes; allreduce bandwidth (Gloo and MPI)
 # make bench-strategies  dist.strategy horovod/mirrored/hybrid on configs/tiny.yaml and small.yaml
 #              (logical CPU devices on a host without GPUs)
-# make bench-zero  dist.zero 0/1/2 at 2 processes: tiny and small speed, a 142M model's memory
+# make bench-zero  dist.zero 0-3 at 2 processes: tiny and small speed; memory of a 142M model
+#              and of a thin 24-layer one (stage 3 with and without prefetch)
+# make bench-timeline  stage 3's all-gathers in a Horovod timeline, prefetch on and off
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
 #              EXTRAS= the setup.cfg extras (the images: none, or gpu)
@@ -24,7 +26,7 @@ EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers \
-	bench-strategies bench-zero image-test clean
+	bench-strategies bench-zero bench-timeline image-test clean
 
 setup: $(STAMP)
 
@@ -67,6 +69,9 @@ bench-strategies: setup
 
 bench-zero: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/zero.py
+
+bench-timeline: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/timeline.py
 
 image-test:
 	bash docker/image-test.sh

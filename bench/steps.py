@@ -43,7 +43,8 @@ def replace_section(path, begin, end, lines):
 
 def publish(rows, steps, name, table, results, benchmarks, begin, end):
     """Write a benchmark run's rows as results/<date>-<host>-<name>.json, its table (from
-    table(result)) as .md and into BENCHMARKS.md between `begin` and `end`; print it."""
+    table(result)) as .md and into `benchmarks` (BENCHMARKS.md; None: not) between `begin`
+    and `end`; print it."""
     result = {"date": datetime.date.today().isoformat(), "host": socket.gethostname(),
               "cpus": os.cpu_count(), "steps": steps, "rows": rows}
     lines = table(result)
@@ -53,6 +54,7 @@ def publish(rows, steps, name, table, results, benchmarks, begin, end):
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    replace_section(benchmarks, begin, end, lines)
+    if benchmarks:
+        replace_section(benchmarks, begin, end, lines)
     print("\n".join(lines))
-    print(f"wrote {stem}.json, .md; the table in {benchmarks}")
+    print(f"wrote {stem}.json, .md" + (f"; the table in {benchmarks}" if benchmarks else ""))

@@ -101,15 +101,12 @@ def run_step(c, args):
     dist.barrier()  # every process measures a CPU's peak at once, each on its share
     peak, peak_source = hardware.peak_tflops(c.train.precision, c.train.peak_tflops, d)
     peak = float(dist.allreduce_mean(peak))
-    step_s, compute_s, communication_s, peak_rss = _time_parts(c, layout, model, optimizer,
-                                                               jit, args.steps)
+    step_s, compute_s, communication_s, peak_rss, peak_tensors = _time_parts(
+        c, layout, model, optimizer, jit, args.steps)
 
     # Every process ran the same number of steps; the slowest one sets the pace.
     step_s = max(dist.allgather_object(step_s))
-    rss = dist.allgather_object((peak_rss, peak_rss - start_rss))
-    gpu = tf.config.list_logical_devices("GPU")
-    gpu_peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 30
-                if gpu else None)
+    rss = dist.allgather_object((peak_rss, peak_rss - start_rss, peak_tensors))
     world = dist.world()  # a collective: every rank
     if not dist.is_chief():
         return None
@@ -129,7 +126,8 @@ def run_step(c, args):
          "peak_source": peak_source,
          "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * n) if peak else None,
          "peak_rss_gib": max(r[0] for r in rss),
-         "peak_rss_over_start_gib": max(r[1] for r in rss), "peak_gpu_memory_gib": gpu_peak,
+         "peak_rss_over_start_gib": max(r[1] for r in rss),
+         "peak_tensors_gib": None if rss[0][2] is None else max(r[2] for r in rss),
          "planned_gib": sum(plan.memory_per_replica(c, layout).values()) / 2 ** 30,
          "single_tokens_per_s": single or None,
          "scaling_efficiency": tokens_per_s / (n * single) if single else None}
@@ -138,8 +136,11 @@ def run_step(c, args):
 
 def _time_parts(c, layout, model, optimizer, jit, steps):
     """Seconds per call of the whole step, of its compute (forward and backward, the mean over
-    a process's devices) and of its collectives, on random tokens; and the peak RSS (GiB) of
-    the steps, before the parts hold gradients of their own."""
+    a process's devices) and of its collectives, on random tokens; and, before the parts hold
+    gradients of their own, the peak RSS (GiB) of the process so far and the peak bytes (GiB)
+    of tensors alive at once during the timed steps, as the first device's TensorFlow
+    allocator counts them (None where it keeps no count): what the dry run estimates. The
+    RSS also holds the runtime and memory the C allocator keeps after tensors are freed."""
     import numpy as np
     import tensorflow as tf
     from hvd_llama import step as step_lib, zero
@@ -147,23 +148,34 @@ def _time_parts(c, layout, model, optimizer, jit, steps):
         0, c.model.vocab_size, (layout.grad_accum, layout.process_batch, layout.seq_len + 1),
         np.int32))
     step = step_lib.make_train_step(model, optimizer, layout, jit)
+    device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+    try:  # a CPU's allocator keeps statistics only under oneDNN (TF_ENABLE_ONEDNN_OPTS)
+        counted = bool(tf.config.experimental.get_memory_info(device))
+    except ValueError:
+        counted = False
+    step_s = _seconds_per_call(
+        lambda: float(step(tokens)[0]), steps,
+        after_warmup=lambda: counted and tf.config.experimental.reset_memory_stats(device))
+    peak_tensors = (tf.config.experimental.get_memory_info(device)["peak"] / 2 ** 30
+                    if counted else None)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+    # Built after the peaks: stage 3's gradient pass has an accumulator of its own.
     gathered = layout.zero == 3  # the gradient pass gathers the weights: its collectives inside
     gradients = zero.gathered_gradients(
         optimizer, lambda t: step_lib.token_loss(model, t, training=True)) if gathered \
         else step_lib.make_gradients(model, layout, jit)
     communicate = tf.function(lambda g: _collectives(g, layout, c, model))
-
-    step_s = _seconds_per_call(lambda: float(step(tokens)[0]), steps)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     split = max(1, min(steps, 2))  # the parts again, fewer times: they only divide it
     one = tf.constant(1.0)  # the loss scale
     compute_s = _seconds_per_call(lambda: float(gradients(tokens, one)[0]), split)
     grads = gradients(tokens, one)[1]
     communication_s = _seconds_per_call(lambda: [g.numpy() for g in communicate(grads)], split) \
         if layout.processes > 1 else 0.0  # one process does not communicate
-    if gathered:  # the collectives, timed alone, out of the gradient pass that holds them
-        compute_s -= communication_s
-    return step_s, compute_s, communication_s, peak_rss
+    if gathered:  # the collectives, timed alone, out of the gradient pass that holds them;
+        # none left where they overlapped all of its compute (prefetch, tiny models)
+        compute_s = max(0.0, compute_s - communication_s)
+    return step_s, compute_s, communication_s, peak_rss, peak_tensors
 
 
 def _collectives(grads, layout, c, model):
@@ -223,12 +235,13 @@ def measure_single(args, n):
     return dist.broadcast_object(single if dist.is_chief() else None)
 
 
-def _seconds_per_call(fn, calls, warmup=2):
+def _seconds_per_call(fn, calls, warmup=2, after_warmup=lambda: None):
     """Mean seconds of `calls` calls of fn (which waits for its result), after `warmup` calls
-    (tracing) and a barrier, so that every process starts timing together."""
+    (tracing), after_warmup() and a barrier, so that every process starts timing together."""
     from hvd_llama import distributed as dist
     for _ in range(warmup):
         fn()
+    after_warmup()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(calls):
@@ -254,13 +267,17 @@ def step_table(r):
                      f"{r['peak_source']}) | {100 * r['mfu']:.1f}% |")
     lines += [f"| peak RSS per process, GiB (over its RSS before the build) | "
               f"{r['peak_rss_gib']:.2f} ({r['peak_rss_over_start_gib']:.2f}) |",
+              f"| peak tensor memory per process, GiB (TensorFlow's allocator) | "
+              f"{_gib(r['peak_tensors_gib'])} |",
               f"| the dry run's estimate per process, GiB | {r['planned_gib']:.2f} |"]
-    if r["peak_gpu_memory_gib"] is not None:
-        lines.append(f"| peak GPU memory, GiB | {r['peak_gpu_memory_gib']:.2f} |")
     if r["scaling_efficiency"] is not None:
         lines.append(f"| scaling efficiency (one process: {r['single_tokens_per_s']:,.0f} "
                      f"tokens/s) | {100 * r['scaling_efficiency']:.1f}% |")
     return lines
+
+
+def _gib(value):
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def rss_gib():

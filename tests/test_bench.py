@@ -32,9 +32,13 @@ def check_step_figures(r, processes):
     assert r["peak_tflops_per_process"] > 0 and r["peak_source"].startswith("measured")
     assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"]
                                      / (r["peak_tflops_per_process"] * 1e12 * processes))
-    assert 0 < r["compute_s"] and r["other_s"] == pytest.approx(
+    # stage 3: the gradient pass less its collectives timed alone, which may overlap all of it
+    assert (0 <= r["compute_s"] if r["zero"] == 3 else 0 < r["compute_s"])
+    assert r["other_s"] == pytest.approx(
         r["step_s"] - r["compute_s"] - r["communication_s"])
     assert r["peak_rss_gib"] > r["peak_rss_over_start_gib"] > 0
+    # None where the CPU allocator keeps no statistics (oneDNN off)
+    assert r["peak_tensors_gib"] is None or r["peak_rss_gib"] > r["peak_tensors_gib"] > 0
 
 
 def test_step_bench_one_process():
