@@ -129,8 +129,8 @@ def restore(meta, model, optimizer):
 
 def save(config, layout, step, rows, model, optimizer=None):
     """Every process writes its share of checkpoint `step` (rows = global sequences consumed
-    so far); a collective. Without an optimizer it holds the weights alone (an import):
-    training resumes them with a fresh optimizer."""
+    so far); a collective that returns once the checkpoint is in place. Without an optimizer
+    it holds the weights alone (an import): training resumes them with a fresh optimizer."""
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
     saving = atomic_path(final, tag="ranks")  # one directory for every process
     with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp:
@@ -158,6 +158,7 @@ def save(config, layout, step, rows, model, optimizer=None):
         for name in os.listdir(directory(config.run.dir)):  # saves that a crash cut short
             if name.endswith(".partial-ranks"):
                 remove(os.path.join(directory(config.run.dir), name))
+    dist.barrier()  # on return the checkpoint is in place for every process to read
 
 
 def _entries(model, optimizer=None, moments=True):
