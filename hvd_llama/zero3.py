@@ -66,14 +66,18 @@ def _gather(shares, shapes, order, prefetch, compression):
     def gather(x, *shares):
         wholes = [tf.ensure_shape(w, s) for w, s in zip(dist.allgather_shares(shares), shapes)]
 
-        def grad(dx, *upstream):  # None where a whole tensor went unused
+        def grad(dx, *upstream):
             below = order.scattered_above(dx)
-            # Zeros of the static shape, not zeros_like: that would keep the forward's whole
-            # weights alive until this backward step.
-            grads = dist.reducescatter_gradients(
-                [tf.zeros(s) if g is None else tf.convert_to_tensor(g)
-                 for s, g in zip(shapes, upstream)], compression)
-            order.scattered(grads)
+            # None where this call left a whole tensor unused (the embedding's lookup and its
+            # output projection each use one of its two): no zeros to reduce-scatter, as
+            # every process leaves the same ones out.
+            used = [i for i, g in enumerate(upstream) if g is not None]
+            scattered = dist.reducescatter_gradients(
+                [tf.convert_to_tensor(upstream[i]) for i in used], compression)
+            order.scattered(scattered)
+            grads = [None] * len(upstream)
+            for i, g in zip(used, scattered):
+                grads[i] = g
             return (below, *grads)
         return (tf.identity(x), *wholes), grad
 
