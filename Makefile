@@ -25,7 +25,7 @@ TEST_WORKERS ?= 2
 EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup train test lint bench-data bench-recipe bench-serving bench-peers \
+.PHONY: setup train test test-bench lint bench-data bench-recipe bench-serving bench-peers \
 	bench-strategies bench-zero bench-timeline image-test clean
 
 setup: $(STAMP)
@@ -50,7 +50,12 @@ lint: setup
 	$(PY) -m flake8 hvd_llama tests bench
 
 test: lint
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		-m "not bench"
+
+# The benchmark scripts end to end, each on the smallest config (about 3 minutes).
+test-bench: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load -m bench
 
 bench-data: setup
 	$(PY) bench/data_throughput.py

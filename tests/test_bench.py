@@ -41,6 +41,7 @@ def check_step_figures(r, processes):
     assert r["peak_tensors_gib"] is None or r["peak_rss_gib"] > r["peak_tensors_gib"] > 0
 
 
+@pytest.mark.bench
 def test_step_bench_one_process():
     r = last_json(run([sys.executable, *STEP]))
     check_step_figures(r, 1)
@@ -49,6 +50,7 @@ def test_step_bench_one_process():
     assert "targets" not in r  # measurements only: bench/peers.py checks the targets
 
 
+@pytest.mark.bench
 def test_step_bench_two_processes_with_a_given_single_figure():
     """At dist.zero=2 with 2 micro-batches: its collectives are what it times."""
     from hvd_llama import config, plan
@@ -64,6 +66,7 @@ def test_step_bench_two_processes_with_a_given_single_figure():
     assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s"] / 2000)
 
 
+@pytest.mark.bench
 def test_step_bench_measures_the_single_process_figure_under_mpi():
     """--measure-single: rank 0's child must run as a plain process although mpirun's
     environment surrounds it. At dist.zero=3 with remat, whose collectives (two all-gathers of
@@ -77,6 +80,7 @@ def test_step_bench_measures_the_single_process_figure_under_mpi():
         r["tokens_per_s"] / (2 * r["single_tokens_per_s"]))
 
 
+@pytest.mark.bench
 def test_allreduce_bench_figures_follow_from_the_timings(tmp_path):
     horovodrun("gloo", ["-m", "hvd_llama.bench", "allreduce", "--output",
                         str(tmp_path / "r.json"), "--max-bytes", str(1 << 20), "--seconds",
@@ -155,6 +159,7 @@ def test_flops_per_token_agrees_with_the_traced_graph(tied):
     assert 3 * matmul_flops(graph) / seq == plan.flops_per_token(mc, seq) - 6 * norms
 
 
+@pytest.mark.bench
 def test_peers_end_to_end(tmp_path):
     """bench/peers.py on the tiny config, one timed step per system; PyTorch from this
     environment (the suite's own torch) instead of a virtualenv of its own."""
