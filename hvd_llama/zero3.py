@@ -68,16 +68,12 @@ def _gather(shares, shapes, order, prefetch, compression):
 
         def grad(dx, *upstream):
             below = order.scattered_above(dx)
-            # None where this call left a whole tensor unused (the embedding's lookup and its
-            # output projection each use one of its two): no zeros to reduce-scatter, as
-            # every process leaves the same ones out.
-            used = [i for i, g in enumerate(upstream) if g is not None]
-            scattered = dist.reducescatter_gradients(
-                [tf.convert_to_tensor(upstream[i]) for i in used], compression)
-            order.scattered(scattered)
-            grads = [None] * len(upstream)
-            for i, g in zip(used, scattered):
-                grads[i] = g
+            # A whole tensor this call leaves unused (the untied embedding's lookup and output
+            # projection each read one of its two) gets zeros from the tape, not None: they
+            # are reduce-scattered like the rest.
+            grads = dist.reducescatter_gradients(
+                [tf.convert_to_tensor(g) for g in upstream], compression)
+            order.scattered(grads)
             return (below, *grads)
         return (tf.identity(x), *wholes), grad
 
