@@ -27,8 +27,9 @@ Hooks (the function here: who calls it, and what it relies on)
   StatelessScope: its private `_initializer` is kept and nothing is allocated, unless a later
   StatelessScope's exit allocates every deferred variable (a private global list).
 - call_with_weights: zero3.build. A layer's `call` replaced on the instance by one that runs
-  it, on an input and inside a StatelessScope mapping its weights to tensors, both given at
-  each call.
+  it, on an input and inside a StatelessScope mapping the weights that call reads to tensors,
+  both given at each call; an untied ReversibleEmbedding's lookup reads only `embeddings`
+  and its output projection (reverse=True) only `reverse_embeddings`.
 - build_cache: generate.make_generate. keras-hub's private prefill, LlamaCausalLM._build_cache.
 - index_shuffle: data.sequence_ids. The raw RandomIndexShuffle op: the public
   tf.random.experimental.index_shuffle mangles a batch of seeds.
@@ -196,14 +197,18 @@ def build_unallocated(make_backbone, make_model):
 # Keras 3.15 reads a variable's value through its `value` property, which looks the variable up
 # in the active StatelessScope's mapping first (and autocasts it as usual).
 def call_with_weights(layer, weights):
-    """Make a layer run its call on the first argument x and with its trainable variables
-    read as the tensors of weights(x) -> (x to call with, tensors in the variables' order), by
-    replacing its instance's `call`."""
+    """Make a layer run its call on the first argument x and with the trainable variables that
+    call reads read as the tensors of weights(x, variables) -> (x to call with, tensors in the
+    variables' order), by replacing its instance's `call`. Reading any other of its variables
+    in the call fails."""
     import keras
-    call, variables = layer.call, layer.trainable_variables
+    call = layer.call
 
     def mapped_call(x, *args, **kwargs):
-        x, tensors = weights(x)
+        variables = layer.trainable_variables
+        if isinstance(layer, keras.layers.ReversibleEmbedding) and not layer.tie_weights:
+            variables = [layer.reverse_embeddings if kwargs.get("reverse") else layer.embeddings]
+        x, tensors = weights(x, variables)
         with keras.StatelessScope(state_mapping=list(zip(variables, tensors)),
                                   initialize_variables=False):
             return call(x, *args, **kwargs)

@@ -3,11 +3,12 @@
 The model is keras-hub's LlamaCausalLM, built with its variables never allocated
 (compat.build_unallocated). The only copy of the weights is the float32 shares that
 zero.ShardedOptimizer updates: this process's rows (Layout.share) of each. Every layer with
-weights (the token embedding, which is also the output projection when tied, each decoder
-block, the final norm) runs its own call on whole weights all-gathered from the shares just
-before (compat.call_with_weights), and lets them go after. The all-gather's gradient
-reduce-scatters the whole weights' gradients back to the shares, averaged over processes
-(_gather), so the backward pass yields the shares' gradients.
+weights (the token embedding, each decoder block, the final norm) runs its own call on the
+whole weights that call reads, all-gathered from the shares just before
+(compat.call_with_weights), and lets them go after: the embedding's lookup gathers its input
+matrix, the output projection the output matrix (untied) or the input one again (tied). The
+all-gather's gradient reduce-scatters the whole weights' gradients back to the shares,
+averaged over processes (_gather), so the backward pass yields the shares' gradients.
 
     forward, layer by layer:  shares ──all-gather──▶ whole weights ──▶ the layer's call
     backward:                 the layer's weight gradients ──reduce-scatter──▶ the shares'
@@ -40,24 +41,27 @@ def build(c, layout):
                                      name=f"share_{i}"))
     share_of = {id(v): s for v, s in zip(model.trainable_variables, shares)}
     order = _Order()
+
+    def weights(x, variables):  # what a layer's call reads, gathered for that call
+        return _gather([share_of[id(w)] for w in variables], [w.shape for w in variables],
+                       order, c.dist.prefetch, c.dist.compression)(x)
+
     for layer in model_lib.weight_layers(model):
-        compat.call_with_weights(layer, _gather(
-            [share_of[id(w)] for w in layer.trainable_variables],
-            [w.shape for w in layer.trainable_variables], order, c.dist.prefetch,
-            c.dist.compression))
+        compat.call_with_weights(layer, weights)
     if c.train.remat:  # after the gathering: a block's recomputation gathers again
         model_lib.recompute_blocks(model)
     return model, shares
 
 
 def _gather(shares, shapes, order, prefetch, compression):
-    """A layer's weights(x) -> (x, its whole weights): all-gathered once x (the layer's input)
-    exists, or with prefetch once the input of the layer called before it does. Their
-    gradient reduce-scatters the whole weights' gradients into the shares' (averaged over the
-    processes, where Horovod's own gradient of allgather allreduces them whole), and holds
-    back x's gradient, with which the backward pass goes on to the layer below, until the
-    layer above has reduce-scattered: where the collectives are slower than the compute,
-    whole gradients waiting for them would otherwise pile up (at most two layers' exist)."""
+    """A layer call's weights(x) -> (x, the whole weights of `shares`): all-gathered once x
+    (the layer's input) exists, or with prefetch once the input of the layer called before it
+    does. Their gradient reduce-scatters the whole weights' gradients into the shares'
+    (averaged over the processes, where Horovod's own gradient of allgather allreduces them
+    whole), and holds back x's gradient, with which the backward pass goes on to the layer
+    below, until the layer above has reduce-scattered: where the collectives are slower than
+    the compute, whole gradients waiting for them would otherwise pile up (at most two
+    layers' exist)."""
     # The tf.Variables, float32: read through Keras inside the layer's call, a mixed
     # precision policy would cast them to 16 bits first (and Horovod gathers no bfloat16).
     shares = compat.tf_variables(shares)
@@ -68,9 +72,6 @@ def _gather(shares, shapes, order, prefetch, compression):
 
         def grad(dx, *upstream):
             below = order.scattered_above(dx)
-            # A whole tensor this call leaves unused (the untied embedding's lookup and output
-            # projection each read one of its two) gets zeros from the tape, not None: they
-            # are reduce-scattered like the rest.
             grads = dist.reducescatter_gradients(
                 [tf.convert_to_tensor(g) for g in upstream], compression)
             order.scattered(grads)

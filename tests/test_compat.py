@@ -369,3 +369,27 @@ def test_a_layer_hands_its_weight_gradients_to_the_sink_in_its_backward_pass():
     active[0] = False
     for a, b in zip(tf.function(gradients)(x), plain):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_call_with_weights_maps_only_the_embedding_matrix_a_call_reads(tied):
+    """An untied ReversibleEmbedding's lookup reads only `embeddings` and its output projection
+    only `reverse_embeddings` (tied: `embeddings` both): call_with_weights asks for that one.
+    The layer's own variables are NaN, so a read of one left unmapped would show."""
+    import keras
+    import tensorflow as tf
+    layer = keras.layers.ReversibleEmbedding(5, 3, tie_weights=tied)
+    layer.build()
+    for v in layer.trainable_variables:
+        v.assign(np.full(v.shape, np.nan, np.float32))
+    asked = []
+
+    def weights(x, variables):
+        asked.append([v.name for v in variables])
+        return x, [tf.ones(v.shape) for v in variables]
+
+    compat.call_with_weights(layer, weights)
+    np.testing.assert_array_equal(layer(tf.constant([[1, 2]])).numpy(), np.ones((1, 2, 3)))
+    np.testing.assert_array_equal(layer(tf.ones([1, 3]), reverse=True).numpy(),
+                                  np.full((1, 5), 3.0))
+    assert asked == [["embeddings"], ["embeddings" if tied else "reverse_embeddings"]]
