@@ -39,7 +39,10 @@ def build(c, layout):
         # variables its function reads.
         shares.append(keras.Variable(compat.rows(initial[id(v)](), a, b),
                                      name=f"share_{i}"))
-    share_of = {id(v): s for v, s in zip(model.trainable_variables, shares)}
+    # The tf.Variables, float32, taken here: read through Keras inside a layer's call, a mixed
+    # precision policy would cast them to 16 bits first (and Horovod gathers no bfloat16).
+    share_of = {id(v): s for v, s in zip(model.trainable_variables,
+                                         compat.tf_variables(shares))}
     order = _Order()
 
     def weights(x, variables):  # what a layer's call reads, gathered for that call
@@ -54,17 +57,14 @@ def build(c, layout):
 
 
 def _gather(shares, shapes, order, prefetch, compression):
-    """A layer call's weights(x) -> (x, the whole weights of `shares`): all-gathered once x
-    (the layer's input) exists, or with prefetch once the input of the layer called before it
-    does. Their gradient reduce-scatters the whole weights' gradients into the shares'
-    (averaged over the processes, where Horovod's own gradient of allgather allreduces them
-    whole), and holds back x's gradient, with which the backward pass goes on to the layer
-    below, until the layer above has reduce-scattered: where the collectives are slower than
-    the compute, whole gradients waiting for them would otherwise pile up (at most two
-    layers' exist)."""
-    # The tf.Variables, float32: read through Keras inside the layer's call, a mixed
-    # precision policy would cast them to 16 bits first (and Horovod gathers no bfloat16).
-    shares = compat.tf_variables(shares)
+    """A layer call's weights(x) -> (x, the whole weights of `shares`, float32 tf.Variables):
+    all-gathered once x (the layer's input) exists, or with prefetch once the input of the
+    layer called before it does. Their gradient reduce-scatters the whole weights' gradients
+    into the shares' (averaged over the processes, where Horovod's own gradient of allgather
+    allreduces them whole), and holds back x's gradient, with which the backward pass goes on
+    to the layer below, until the layer above has reduce-scattered: where the collectives are
+    slower than the compute, whole gradients waiting for them would otherwise pile up (at
+    most two layers' exist)."""
 
     @tf.custom_gradient
     def gather(x, *shares):
