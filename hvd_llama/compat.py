@@ -5,12 +5,14 @@ upgrading any of them, read this list and run tests/test_compat.py: each entry h
 the upstream behaviour it relies on, which fails when that behaviour changes.
 
 Hooks (the function here: who calls it, and what it relies on)
-- subclass_in_place: distributed.DistributedOptimizer, clip_by_given_norm. An optimizer's
+- subclass_in_place: distributed.DistributedOptimizer, update_in_turn. An optimizer's
   class becomes a subclass of itself, so Keras 3's single gradient entry, `apply`, is wrapped
   with no rebuild.
-- clip_by_given_norm: zero.ShardedOptimizer. Keras 3 optimizers clip in the private
-  `_clip_gradients`, called by `apply` on the (unscaled) gradients before the update; it is
-  replaced on the instance so that global-norm clipping uses a norm computed elsewhere.
+- update_in_turn: zero.ShardedOptimizer. Keras 3 optimizers clip in the private
+  `_clip_gradients` and decay in `_apply_weight_decay`, both called by `apply` on all
+  variables before `update_step` runs per variable; both are moved into `update_step` on
+  the instance, so that global-norm clipping uses a norm computed elsewhere and each
+  variable's update waits for the one before.
 - adam_moments: checkpoint (saving and restoring AdamW's moments by the name of their
   variable). Keras 3's Adam keeps them in the private lists `_momentums` and `_velocities`,
   in the order of the variables it was built with.
@@ -64,23 +66,44 @@ def subclass_in_place(obj, mixin, prefix):
     return obj
 
 
-# Keras 3.15: apply() -> _backend_apply_gradients() -> _clip_gradients(grads), after a
-# LossScaleOptimizer has unscaled them; global_clipnorm uses keras's clip_by_global_norm.
-def clip_by_given_norm(optimizer, norm):
-    """Make `optimizer`'s global-norm clipping use norm() (a tensor, evaluated when it clips)
-    instead of the norm of the gradients it is given; returns it."""
+# Keras 3.15: apply() -> _backend_apply_gradients() -> _clip_gradients(grads) (after a
+# LossScaleOptimizer has unscaled them), _apply_weight_decay(all variables), then
+# update_step(gradient, variable, learning_rate) per variable, in the variables' order.
+def update_in_turn(optimizer, norm):
+    """Make `optimizer` clip by the global norm norm() (a tensor, evaluated when it clips)
+    instead of the norm of the gradients it is given, and decay, clip and update one variable
+    after another; returns it. Keras clips every gradient, then decays every variable, then
+    updates; in a graph nothing orders those ops, and TensorFlow may run all the clipping
+    first: where the gradients are read from variables (ZeRO's accumulators), a second copy of
+    all of them. In turn, the temporaries are one variable's."""
     import tensorflow as tf
 
-    class GivenNormClip:
-        def _clip_gradients(self, grads):
-            if not self.global_clipnorm:
-                return grads
-            given, clip = norm(), self.global_clipnorm
-            # clip_by_global_norm's arithmetic: NaN for a non-finite norm.
-            scale = clip * tf.minimum(1.0 / given, 1.0 / clip) + (given - given)
-            return [g * scale for g in grads]
+    class InTurn:
+        def _clip_gradients(self, grads):  # each is clipped in its update_step
+            self._updated = []  # a new apply (or trace): nothing to wait for
+            return grads
 
-    return subclass_in_place(optimizer, GivenNormClip, "GivenNorm")
+        def _apply_weight_decay(self, variables):  # each is decayed in its update_step
+            pass
+
+        def update_step(self, gradient, variable, learning_rate):
+            with tf.control_dependencies(self._updated):
+                if self.global_clipnorm:
+                    given, clip = norm(), self.global_clipnorm
+                    # clip_by_global_norm's arithmetic: NaN for a non-finite norm.
+                    gradient = gradient * (clip * tf.minimum(1.0 / given, 1.0 / clip)
+                                           + (given - given))
+                else:
+                    gradient = tf.identity(gradient)
+                if self.weight_decay is not None and self._use_weight_decay(variable):
+                    # Keras's own decay (its TensorFlow backend's arithmetic).
+                    variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype)
+                                        * tf.cast(learning_rate, variable.dtype))
+            super().update_step(gradient, variable, learning_rate)
+            # Read after the update (a function orders a variable's ops as written).
+            self._updated = [variable.read_value()]
+
+    return subclass_in_place(optimizer, InTurn, "InTurn")
 
 
 # Keras 3.15's Adam/AdamW: build() fills _momentums and _velocities, one per variable, in the

@@ -44,7 +44,7 @@ class ShardedOptimizer:
         self.inner = optim.build(tc, optim.schedule(tc), self.shares, like=self.variables)
         self.scaled = isinstance(self.inner, keras.optimizers.LossScaleOptimizer)  # float16
         self.whole_norm = None  # set by apply, read by the clipping in the same trace
-        compat.clip_by_given_norm(optim.adamw(self.inner), lambda: self.whole_norm)
+        compat.update_in_turn(optim.adamw(self.inner), lambda: self.whole_norm)
         self.inner.build(self.shares)
 
     @property

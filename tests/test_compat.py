@@ -48,17 +48,75 @@ def test_adam_moments_are_per_variable_in_build_order():
 
 @pytest.mark.parametrize("scaled", [False, True])
 def test_global_norm_clipping_can_be_given_its_norm(scaled):
-    """clip_by_given_norm: Keras clips (after unscaling, under a loss scale) in
+    """update_in_turn: Keras clips (after unscaling, under a loss scale) in
     _clip_gradients, and with the norm given it clips as Keras would with that norm: a gradient
     of norm 1 clipped at 0.5 as if its norm were 4, so SGD(1) moves it by 1/8 of itself."""
     import keras
     var = keras.Variable([0.0, 0.0])
     sgd = keras.optimizers.SGD(1.0, global_clipnorm=0.5)
     opt = keras.optimizers.LossScaleOptimizer(sgd, initial_scale=8.0) if scaled else sgd
-    compat.clip_by_given_norm(sgd, lambda: keras.ops.convert_to_tensor(4.0))
+    compat.update_in_turn(sgd, lambda: keras.ops.convert_to_tensor(4.0))
     grad = keras.ops.convert_to_tensor([0.6, 0.8]) * (8.0 if scaled else 1.0)
     opt.apply([grad], [var])
     np.testing.assert_allclose(var.numpy(), [-0.075, -0.1], rtol=1e-6)
+
+
+def _adamw_and_weights():
+    import keras
+    weights = [keras.Variable(np.full((64, 32), 0.5, np.float32) + i) for i in range(3)]
+    opt = keras.optimizers.AdamW(0.1, weight_decay=0.3, global_clipnorm=1.0)
+    opt.exclude_from_weight_decay(var_list=[weights[1]])
+    return opt, weights
+
+
+def test_updating_in_turn_is_keras_adamw_with_its_decay_and_clipping():
+    """update_in_turn moves AdamW's weight decay and clipping into each variable's update:
+    in a traced step, given the gradients' own global norm, the weights come out as Keras's
+    AdamW leaves them (a decayed, an undecayed and a clipped variable)."""
+    import tensorflow as tf
+    grads = [tf.constant(np.linspace(-2, 3, 64 * 32, dtype=np.float32).reshape(64, 32) * (i + 1))
+             for i in range(3)]
+    results = []
+    for in_turn in (False, True):
+        opt, weights = _adamw_and_weights()
+        if in_turn:
+            compat.update_in_turn(opt, lambda: tf.linalg.global_norm(grads))
+        opt.build(weights)
+        step = tf.function(lambda: opt.apply(grads, weights))
+        step()
+        step()
+        results.append([w.numpy() for w in weights])
+    for keras_own, in_turn in zip(*results):
+        np.testing.assert_allclose(in_turn, keras_own, rtol=1e-6)
+    assert not np.allclose(results[0][0], results[0][1] - 1.0)  # the decay made a difference
+
+
+def test_updating_in_turn_holds_one_variables_temporaries():
+    """update_in_turn: with gradients read from variables (ZeRO's accumulators), clipping all
+    of them before the updates would make a second copy of them all, as TensorFlow sometimes
+    scheduled it; in turn, the update's temporaries are a few of one variable's. The CPU
+    allocator keeps the count only under oneDNN."""
+    import tensorflow as tf
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        pytest.skip("this CPU allocator keeps no statistics (oneDNN off)")
+    import keras
+    shape, count = (256, 1024), 40  # 1 MiB each
+    weights = [keras.Variable(np.zeros(shape, np.float32)) for _ in range(count)]
+    grads = [tf.Variable(np.ones(shape, np.float32)) for _ in range(count)]
+    opt = keras.optimizers.AdamW(0.1, weight_decay=0.1, global_clipnorm=1.0)
+    compat.update_in_turn(opt, lambda: tf.constant(2.0))
+    opt.build(weights)
+    step = tf.function(lambda: opt.apply([g.read_value() for g in grads], weights))
+    step()
+    peaks = []
+    for _ in range(5):
+        base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        step()
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - base)
+    assert max(peaks) <= 6 << 20, [p >> 20 for p in peaks]
 
 
 def test_optimizer_class_swap_keeps_settings_and_every_gradient_enters_apply():
