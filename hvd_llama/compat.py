@@ -77,17 +77,20 @@ def update_in_turn(optimizer, norm):
     first: where the gradients are read from variables (ZeRO's accumulators), a second copy of
     all of them. In turn, the temporaries are one variable's."""
     import tensorflow as tf
+    # Per device: under a mirrored strategy update_step runs for each device's copy, and the
+    # devices' updates may run side by side. A plain dict: not an attribute Keras tracks.
+    updated = {}
 
     class InTurn:
         def _clip_gradients(self, grads):  # each is clipped in its update_step
-            self._updated = []  # a new apply (or trace): nothing to wait for
+            updated.clear()  # a new apply (or trace): nothing to wait for
             return grads
 
         def _apply_weight_decay(self, variables):  # each is decayed in its update_step
             pass
 
         def update_step(self, gradient, variable, learning_rate):
-            with tf.control_dependencies(self._updated):
+            with tf.control_dependencies(updated.get(variable.device, [])):
                 if self.global_clipnorm:
                     given, clip = norm(), self.global_clipnorm
                     # clip_by_global_norm's arithmetic: NaN for a non-finite norm.
@@ -101,7 +104,7 @@ def update_in_turn(optimizer, norm):
                                         * tf.cast(learning_rate, variable.dtype))
             super().update_step(gradient, variable, learning_rate)
             # Read after the update (a function orders a variable's ops as written).
-            self._updated = [variable.read_value()]
+            updated[variable.device] = [variable.read_value()]
 
     return subclass_in_place(optimizer, InTurn, "InTurn")
 

@@ -14,7 +14,7 @@ GIB = 1 << 30
 STAGES = (0, 1, 2, 3)  # dist.zero
 
 
-def _block_params(mc):
+def block_params(mc):
     """Parameters of one decoder block."""
     d, head_dim = mc.hidden_dim, mc.hidden_dim // mc.num_query_heads
     attention = 2 * d * d + 2 * d * head_dim * mc.num_key_value_heads  # q, o; k, v
@@ -25,7 +25,7 @@ def _block_params(mc):
 def param_count(mc):
     """Exact parameter count of keras-hub's LlamaCausalLM."""
     embeddings = (1 if mc.tie_word_embeddings else 2) * mc.vocab_size * mc.hidden_dim
-    return embeddings + mc.num_layers * _block_params(mc) + mc.hidden_dim  # + the final RMSNorm
+    return embeddings + mc.num_layers * block_params(mc) + mc.hidden_dim  # + the final RMSNorm
 
 
 def flops_per_token(mc, seq_len):
@@ -109,7 +109,7 @@ def _neighbours(mc, count):
     """Parameters of the `count` (1 or 2) largest layers next to each other in the backward
     order (output embedding, final norm, blocks, input embedding): the largest of a block and
     an embedding matrix, and a block beside it."""
-    block = _block_params(mc)
+    block = block_params(mc)
     return max(block, mc.vocab_size * mc.hidden_dim) + (block if count == 2 else 0)
 
 

@@ -8,15 +8,16 @@ reduce-scatter or all-gather sends (N-1)/N of the buffer; an allreduce is one of
     dist.zero=0   one allreduce                              2(N-1)/N G
     dist.zero=1   a reduce-scatter, then an all-gather        (N-1)/N G + (N-1)/N 4n
     dist.zero=2   a reduce-scatter per micro-batch, 1 gather  k (N-1)/N G + (N-1)/N 4n
-    dist.zero=3   per micro-batch a reduce-scatter and        k (N-1)/N (G + 4n), and with
-                  an all-gather of the weights (a second      train.remat k (N-1)/N 4n more
-                  one with train.remat, to recompute)
+    dist.zero=3   per micro-batch an all-gather of the        k (N-1)/N (G + 4n), a tied
+                  weights each layer call reads, and the      embedding's twice (its two
+                  reduce-scatter of their gradients           calls); train.remat gathers the
+                                                              blocks again, to recompute
 A parameter server would have each worker send G and receive 4n, and a single server receive
 N G and send N 4n. The bus bandwidth is NCCL's "busbw", defined so that a collective takes
 its bytes sent per process over it.
 """
 
-from hvd_llama.plan import STAGES, flops_per_token, param_count
+from hvd_llama.plan import STAGES, block_params, flops_per_token, param_count
 
 GB = 1e9  # bandwidths come in GB/s
 
@@ -37,12 +38,15 @@ def sent(c, layout, zero):
     ring = (N - 1) / N
     if zero == 0:
         return [("allreduce", 2 * ring * gradients)]
-    if zero == 3:
-        k = layout.grad_accum
-        gathers = k * (2 if c.train.remat else 1)
+    if zero == 3:  # zero3.py: each layer call gathers the weights it reads
+        k, mc = layout.grad_accum, c.model
+        called = n + (mc.vocab_size * mc.hidden_dim if mc.tie_word_embeddings else 0)
+        recomputed = mc.num_layers * block_params(mc) if c.train.remat else 0
+        gathers = k * (2 if c.train.remat else 1)  # passes: the forward, the recomputation
         return [(f"{gathers} all-gathers" if gathers > 1 else "all-gather",
-                 gathers * ring * 4 * n),
-                (f"{k} reduce-scatters" if k > 1 else "reduce-scatter", k * ring * gradients)]
+                 k * ring * 4 * (called + recomputed)),
+                (f"{k} reduce-scatters" if k > 1 else "reduce-scatter",
+                 k * ring * gradients * called / n)]
     scatters = layout.grad_accum if zero == 2 else 1
     return [(f"{scatters} reduce-scatters" if scatters > 1 else "reduce-scatter",
              scatters * ring * gradients), ("all-gather", ring * 4 * n)]

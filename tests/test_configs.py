@@ -152,7 +152,7 @@ def test_zero_shards_the_optimizer_state_and_the_accumulated_gradients(processes
 def test_stage_2_in_flight_is_a_block_and_an_embedding_where_the_embedding_is_larger():
     c = config.load(TINY, ["train.jit_compile=false", "train.grad_accum=2"])  # vocab 8000 x 256
     n, block, embedding = plan.param_count(c.model), 725_504, 8000 * 256
-    assert plan._block_params(c.model) == block < embedding
+    assert plan.block_params(c.model) == block < embedding
     share = -(-n // 2)
     fusion = 128 << 20
     assert _memory(c, 2, 2)["gradients"] == 4 * share + 4 * (block + embedding) + fusion
@@ -169,6 +169,14 @@ def test_bytes_sent_per_step_are_the_ring_collectives():
     assert sent(c, 2, 0) == [26_953_662_464]  # allreduce: 2 x 1/2 x 4n
     assert sent(c, 2, 1) == [13_476_831_232, 13_476_831_232]  # reduce-scatter, all-gather
     assert sent(c, 2, 2) == [8 * 13_476_831_232, 13_476_831_232]  # one a micro-batch
+    # stage 3 with remat, per micro-batch: the forward gathers every weight, the recomputation
+    # the 32 blocks' (202,383,360 parameters each) again; each gradient is scattered once
+    assert sent(c, 2, 3) == [8 * 2 * (6_738_415_616 + 32 * 202_383_360), 8 * 13_476_831_232]
+    # a tied embedding (131,072,000 parameters fewer) is gathered and scattered by both its
+    # calls: as much as the untied model sends
+    tied = _llama("llama-7b", "model.tie_word_embeddings=true", "train.remat=false")
+    assert plan.param_count(tied.model) == 6_738_415_616 - 131_072_000
+    assert sent(tied, 2, 3) == [8 * 13_476_831_232, 8 * 13_476_831_232]
     # N = 16: (N-1)/N = 15/16; 4n / 16 = 1,684,603,904
     assert sent(c, 16, 0) == [2 * 25_269_058_560]
     assert sent(c, 16, 1) == [25_269_058_560, 25_269_058_560]
