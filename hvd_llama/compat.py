@@ -16,7 +16,8 @@ Hooks (the function here: who calls it, and what it relies on)
 - adam_moments: checkpoint (saving and restoring AdamW's moments by the name of their
   variable). Keras 3's Adam keeps them in the private lists `_momentums` and `_velocities`,
   in the order of the variables it was built with.
-- tf_variables: distributed.broadcast_variables. Keras 3 keeps a variable's state in the
+- tf_variables: distributed.broadcast_variables, zero.ShardedOptimizer,
+  zero.gathered_gradients, zero3.build. Keras 3 keeps a variable's state in the
   tf.Variable at `.value`; Horovod's ops take only tf.Variables.
 - recompute_in_backward: model.build (train.remat). A decoder block's `call` replaced on the
   instance by a tf.recompute_grad wrapper; keras.RematScope fails on keras-hub in graph mode.
@@ -225,8 +226,8 @@ def build_unallocated(make_backbone, make_model):
 def call_with_weights(layer, weights):
     """Make a layer run its call on the first argument x and with the trainable variables that
     call reads read as the tensors of weights(x, variables) -> (x to call with, tensors in the
-    variables' order), by replacing its instance's `call`. Reading any other of its variables
-    in the call fails."""
+    variables' order), by replacing its instance's `call`. A variable the call reads that is
+    not mapped reads as itself (under zero3.build, unallocated: an error)."""
     import keras
     call = layer.call
 

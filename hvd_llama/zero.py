@@ -132,19 +132,18 @@ def stream_gradients(model, optimizer, loss_fn):
         raise RuntimeError("zero.stream_gradients: model.weight_layers misses some weights")
     accumulated = [tf.Variable(tf.zeros_like(s), trainable=False) for s in optimizer.shares]
     tracing = [False]  # the layers reduce only in the backward pass traced below
-    above = [None]  # the accumulation of the layer whose backward pass was traced last
+    order = LayerOrder()
 
     def sink(weights, grads, dx):
         shares = dist.reducescatter_gradients(grads, optimizer.compression)
-        added = [accumulated[where[id(w)]].assign_add(s) for w, s in zip(weights, shares)]
-        dx, above[0] = held_until(dx, above[0]), added
-        return dx
+        return order.hold(dx, [accumulated[where[id(w)]].assign_add(s)
+                               for w, s in zip(weights, shares)])
 
     for layer in layers:
         compat.reduce_in_backward(layer, sink, lambda: tracing[0])
 
     def micro_step(micro_batch, scale):  # [1, b, seq_len + 1]
-        tracing[0], above[0] = True, None
+        tracing[0] = True
         try:
             with tf.GradientTape() as tape:
                 loss = loss_fn(micro_batch[0])
@@ -155,6 +154,34 @@ def stream_gradients(model, optimizer, loss_fn):
         return loss
 
     return _accumulating(micro_step, accumulated)
+
+
+class LayerOrder:
+    """What a layer's collectives wait for of the layer traced before it in the same graph
+    (the model's layers are traced in several: the step, the bench's parts): in the forward
+    pass its input (stage 3's prefetch), in the backward pass its reduce-scatter (the layer
+    above's, as the backward pass goes down)."""
+
+    def __init__(self):
+        self._input = self._scattered = None
+
+    def swap_input(self, x):
+        """The input of the layer traced before in x's graph (None if none); x is next."""
+        last, self._input = _in_graph_of(x, self._input), x
+        return last
+
+    def hold(self, dx, scattered):
+        """dx, a layer's input gradient, held until the reduce-scatter of the layer above in
+        dx's graph is done (held_until); `scattered`, this layer's (a list), is next."""
+        above, self._scattered = _in_graph_of(dx, self._scattered), scattered
+        return held_until(dx, above)
+
+
+def _in_graph_of(x, tensors):
+    """`tensors` (a tensor or a list) if the first one is in x's graph, else None."""
+    first = tensors[0] if isinstance(tensors, list) and tensors else tensors
+    return tensors if first is not None and getattr(first, "graph", None) is \
+        getattr(x, "graph", 0) else None
 
 
 def held_until(dx, done):

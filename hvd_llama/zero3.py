@@ -43,7 +43,7 @@ def build(c, layout):
     # precision policy would cast them to 16 bits first (and Horovod gathers no bfloat16).
     share_of = {id(v): s for v, s in zip(model.trainable_variables,
                                          compat.tf_variables(shares))}
-    order = _Order()
+    order = zero.LayerOrder()
 
     def weights(x, variables):  # what a layer's call reads, gathered for that call
         return _gather([share_of[id(w)] for w in variables], [w.shape for w in variables],
@@ -71,11 +71,9 @@ def _gather(shares, shapes, order, prefetch, compression):
         wholes = [tf.ensure_shape(w, s) for w, s in zip(dist.allgather_shares(shares), shapes)]
 
         def grad(dx, *upstream):
-            below = order.scattered_above(dx)
             grads = dist.reducescatter_gradients(
                 [tf.convert_to_tensor(g) for g in upstream], compression)
-            order.scattered(grads)
-            return (below, *grads)
+            return (order.hold(dx, grads), *grads)
         return (tf.identity(x), *wholes), grad
 
     def weights(x):
@@ -89,31 +87,3 @@ def _gather(shares, shapes, order, prefetch, compression):
             # and last backward.
             return x, gather(tf.zeros([]), *shares)[1:]
     return weights
-
-
-class _Order:
-    """What the layers' gathers need of the layer called before them in the graph being traced:
-    its input (forward pass) and, in the backward pass, the reduce-scatter of the layer whose
-    gradients were taken before (the one above)."""
-
-    def __init__(self):
-        self.input = self.scatter = None
-
-    def swap_input(self, x):
-        """The input of the layer that gathered last in x's graph (None if none), now x."""
-        last, self.input = self._same_graph(self.input, x), x
-        return last
-
-    def scattered_above(self, dx):
-        """dx, once the reduce-scatter of the layer above (in dx's graph) is done."""
-        return zero.held_until(dx, self._same_graph(self.scatter, dx))
-
-    def scattered(self, grads):
-        self.scatter = grads
-
-    @staticmethod
-    def _same_graph(tensors, x):
-        first = tensors[0] if isinstance(tensors, list) and tensors else tensors
-        graph = getattr(x, "graph", 0)
-        return tensors if first is not None and getattr(first, "graph", None) is graph \
-            else None

@@ -253,6 +253,26 @@ def test_gathers_group_by_bytes_and_a_held_gradient_waits_for_its_ops():
         assert zero.held_until(dx, None) is dx and zero.held_until(None, [done]) is None
 
 
+def test_layer_order_chains_layers_traced_in_the_same_graph_only():
+    """LayerOrder: a layer's input gradient waits for the reduce-scatter of the layer traced
+    before it, and the prefetch takes the input of the layer traced before, in the same graph;
+    the first layer traced in another graph waits for nothing."""
+    import tensorflow as tf
+    from hvd_llama import zero
+    order = zero.LayerOrder()
+    with tf.Graph().as_default():
+        x1, x2 = tf.constant(1.0), tf.constant(2.0)
+        assert order.swap_input(x1) is None and order.swap_input(x2) is x1
+        scattered = [tf.constant(3.0)]
+        dx = tf.constant(4.0)
+        assert order.hold(dx, scattered) is dx  # the top layer: nothing above
+        assert scattered[0].op in order.hold(tf.constant(5.0), [tf.constant(6.0)]).op \
+            .control_inputs
+    with tf.Graph().as_default():
+        dx, x = tf.constant(7.0), tf.constant(8.0)
+        assert order.hold(dx, [dx]) is dx and order.swap_input(x) is None
+
+
 def test_a_checkpoint_written_by_three_processes_reads_into_two(tmp_path):
     """The tensor bundle re-shards: three writers' rows of a 97-row tensor (33 + 32 + 32),
     merged, read back as two processes' shares (49 + 48) and whole."""
