@@ -33,7 +33,10 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     "horovod==$HOROVOD_VERSION" -d "$work"
   tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
   src="$work/horovod-$HOROVOD_VERSION"
-  for p in "$here"/*.patch; do patch -s -d "$src" -p1 < "$p"; done
+  for p in "$here"/*.patch; do
+    patch -s --batch -d "$src" -p1 < "$p" >/dev/null 2>&1 \
+      || { echo "build.sh: $(basename "$p") does not apply to Horovod $HOROVOD_VERSION" >&2; exit 1; }
+  done
   # CMAKE_POLICY_VERSION_MINIMUM: the bundled gloo declares a cmake minimum that cmake 4 rejects.
   env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \

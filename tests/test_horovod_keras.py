@@ -1,0 +1,41 @@
+"""Horovod's own API on Keras 3 (docker/horovod/keras3-*.patch), under horovodrun -np 2 with
+each controller: what Horovod scripts written for tf.keras call, on Keras 3 objects."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import CONTROLLERS, REPO, horovodrun
+
+WORKER = os.path.join(REPO, "tests", "hvd_keras_worker.py")
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_gradient_tape_and_broadcast_take_keras_3_variables(controller, tmp_path):
+    """broadcast_variables gives every rank rank 0's weights; DistributedGradientTape averages
+    the gradients of Keras 3 variables (without and with `groups`, where both kernels share a
+    name) to those of the whole batch in one process, and leaves a registered local source's
+    gradient unreduced: each rank's own, scaled by 1/size (Horovod's scale_local_gradients)."""
+    import tensorflow as tf
+    import hvd_keras_worker as worker
+    horovodrun(controller, [WORKER, "tape", str(tmp_path)])
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    model, local = worker.model_and_local(seed=0)
+    x, y = worker.batch()
+    with tf.GradientTape() as t:
+        loss = worker.loss_of(model, local, x, y)
+    whole = [g.numpy() for g in t.gradient(loss, model.trainable_variables)]
+    halves = []
+    for rows in (slice(0, 4), slice(4, 8)):
+        with tf.GradientTape() as t:
+            loss = worker.loss_of(model, local, x[rows], y[rows])
+        halves.append(t.gradient(loss, local).numpy())
+    for r, got in enumerate(ranks):
+        for i, v in enumerate(model.variables):
+            np.testing.assert_array_equal(got[f"weight{i}"], v.numpy())
+        for name in ("plain", "groups"):
+            for i, g in enumerate(whole):
+                np.testing.assert_allclose(got[f"{name}{i}"], g, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got[f"{name}{len(whole)}"], halves[r] / 2, rtol=1e-6)
+    assert not np.allclose(halves[0], halves[1])  # so the local gradients were not averaged
