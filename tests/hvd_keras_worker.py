@@ -6,6 +6,10 @@
         its own), then DistributedGradientTape over them (two Dense layers: both kernels are
         named "kernel") without and with `groups`, with a Keras variable registered as a local
         source; each rank takes its half of one batch
+    python tests/hvd_keras_worker.py syncbn OUT
+        hvd.SyncBatchNormalization in training on each rank's half of one batch, in a model
+        with two of them (Keras 3 wants its layers' names unique): the outputs and the moving
+        statistics
 """
 
 import os
@@ -44,7 +48,7 @@ def tape(out):
     model, local = model_and_local(seed=rank)
     hvd.broadcast_variables(model.variables, root_rank=0)
     x, y = batch()
-    rows = slice(rank * ROWS // size, (rank + 1) * ROWS // size)
+    rows = halves(size, rank)
     arrays = {f"weight{i}": v.numpy() for i, v in enumerate(model.variables)}
     for name, groups in (("plain", None), ("groups", [model.trainable_variables])):
         with tf.GradientTape() as t:
@@ -56,5 +60,30 @@ def tape(out):
     np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
 
 
+def halves(size, rank):
+    return slice(rank * ROWS // size, (rank + 1) * ROWS // size)
+
+
+def normalized(layers, x):
+    """A model of `layers` (BatchNormalization's kind) called in training on x: its outputs
+    and each layer's moving mean and variance."""
+    import keras
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers[1](keras.layers.Dense(3, kernel_initializer="identity")(
+        layers[0](inputs))))
+    outputs = model(x, training=True).numpy()
+    return outputs, [v.numpy() for layer in layers
+                     for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def syncbn(out):
+    import horovod.tensorflow as hvd
+    hvd.init()
+    x, _ = batch()
+    outputs, moving = normalized([hvd.SyncBatchNormalization(momentum=0.5) for _ in range(2)],
+                                 x[halves(hvd.size(), hvd.rank())])
+    np.savez(os.path.join(out, f"rank{hvd.rank()}.npz"), outputs, *moving)
+
+
 if __name__ == "__main__":
-    {"tape": tape}[sys.argv[1]](*sys.argv[2:])
+    {"tape": tape, "syncbn": syncbn}[sys.argv[1]](*sys.argv[2:])

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import CONTROLLERS, REPO, horovodrun
+from conftest import CONTROLLERS, REPO, arrays, horovodrun
 
 WORKER = os.path.join(REPO, "tests", "hvd_keras_worker.py")
 
@@ -39,3 +39,22 @@ def test_gradient_tape_and_broadcast_take_keras_3_variables(controller, tmp_path
                 np.testing.assert_allclose(got[f"{name}{i}"], g, rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(got[f"{name}{len(whole)}"], halves[r] / 2, rtol=1e-6)
     assert not np.allclose(halves[0], halves[1])  # so the local gradients were not averaged
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_sync_batch_normalization_is_batch_normalization_of_the_global_batch(
+        controller, tmp_path):
+    """hvd.SyncBatchNormalization on Keras 3, two ranks on half a batch each: each rank's
+    outputs are its rows of Keras's BatchNormalization over the whole batch in one process, and
+    the moving statistics are that one's; two such layers live in one model."""
+    import keras
+    import hvd_keras_worker as worker
+    horovodrun(controller, [WORKER, "syncbn", str(tmp_path)])
+    x, _ = worker.batch()
+    outputs, moving = worker.normalized(
+        [keras.layers.BatchNormalization(momentum=0.5) for _ in range(2)], x)
+    for r in range(2):
+        got = arrays(tmp_path / f"rank{r}.npz")
+        np.testing.assert_allclose(got[0], outputs[worker.halves(2, r)], rtol=1e-4, atol=1e-5)
+        for g, want in zip(got[1:], moving):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
