@@ -1,12 +1,13 @@
 """Horovod's own TensorFlow API on Keras 3 objects (the project's patched build), run under
-`horovodrun -np 2`; each rank writes what it computed to OUT/rank<r>.npz.
+`horovodrun -np 2` as `python tests/hvd_keras_worker.py OUT`; each rank writes what it
+computed in each part to OUT/<part>-rank<r>.npz:
 
-    python tests/hvd_keras_worker.py tape OUT
+    tape
         broadcast_variables of a Keras 3 model's variables from rank 0 (each rank initialised
         its own), then DistributedGradientTape over them (two Dense layers: both kernels are
         named "kernel") without and with `groups`, with a Keras variable registered as a local
         source; each rank takes its half of one batch
-    python tests/hvd_keras_worker.py syncbn OUT
+    syncbn
         hvd.SyncBatchNormalization in training on each rank's half of one batch, in a model
         with two of them (Keras 3 wants its layers' names unique): the outputs and the moving
         statistics
@@ -57,7 +58,7 @@ def tape(out):
         t.register_local_source(local)
         grads = t.gradient(loss, [*model.trainable_variables, local])
         arrays.update({f"{name}{i}": g.numpy() for i, g in enumerate(grads)})
-    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
+    np.savez(os.path.join(out, f"tape-rank{rank}.npz"), **arrays)
 
 
 def halves(size, rank):
@@ -82,8 +83,9 @@ def syncbn(out):
     x, _ = batch()
     outputs, moving = normalized([hvd.SyncBatchNormalization(momentum=0.5) for _ in range(2)],
                                  x[halves(hvd.size(), hvd.rank())])
-    np.savez(os.path.join(out, f"rank{hvd.rank()}.npz"), outputs, *moving)
+    np.savez(os.path.join(out, f"syncbn-rank{hvd.rank()}.npz"), outputs, *moving)
 
 
 if __name__ == "__main__":
-    {"tape": tape, "syncbn": syncbn}[sys.argv[1]](*sys.argv[2:])
+    tape(sys.argv[1])
+    syncbn(sys.argv[1])

@@ -11,16 +11,22 @@ from conftest import CONTROLLERS, REPO, arrays, horovodrun
 WORKER = os.path.join(REPO, "tests", "hvd_keras_worker.py")
 
 
-@pytest.mark.parametrize("controller", CONTROLLERS)
-def test_gradient_tape_and_broadcast_take_keras_3_variables(controller, tmp_path):
+@pytest.fixture(scope="module", params=CONTROLLERS)
+def ranks_out(request, tmp_path_factory):
+    """One run of every part of the worker per controller: what each rank wrote."""
+    out = tmp_path_factory.mktemp(f"hvd-keras-{request.param}")
+    horovodrun(request.param, [WORKER, str(out)])
+    return out
+
+
+def test_gradient_tape_and_broadcast_take_keras_3_variables(ranks_out):
     """broadcast_variables gives every rank rank 0's weights; DistributedGradientTape averages
     the gradients of Keras 3 variables (without and with `groups`, where both kernels share a
     name) to those of the whole batch in one process, and leaves a registered local source's
     gradient unreduced: each rank's own, scaled by 1/size (Horovod's scale_local_gradients)."""
     import tensorflow as tf
     import hvd_keras_worker as worker
-    horovodrun(controller, [WORKER, "tape", str(tmp_path)])
-    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    ranks = [dict(np.load(ranks_out / f"tape-rank{r}.npz")) for r in range(2)]
     model, local = worker.model_and_local(seed=0)
     x, y = worker.batch()
     with tf.GradientTape() as t:
@@ -41,20 +47,17 @@ def test_gradient_tape_and_broadcast_take_keras_3_variables(controller, tmp_path
     assert not np.allclose(halves[0], halves[1])  # so the local gradients were not averaged
 
 
-@pytest.mark.parametrize("controller", CONTROLLERS)
-def test_sync_batch_normalization_is_batch_normalization_of_the_global_batch(
-        controller, tmp_path):
+def test_sync_batch_normalization_is_batch_normalization_of_the_global_batch(ranks_out):
     """hvd.SyncBatchNormalization on Keras 3, two ranks on half a batch each: each rank's
     outputs are its rows of Keras's BatchNormalization over the whole batch in one process, and
     the moving statistics are that one's; two such layers live in one model."""
     import keras
     import hvd_keras_worker as worker
-    horovodrun(controller, [WORKER, "syncbn", str(tmp_path)])
     x, _ = worker.batch()
     outputs, moving = worker.normalized(
         [keras.layers.BatchNormalization(momentum=0.5) for _ in range(2)], x)
     for r in range(2):
-        got = arrays(tmp_path / f"rank{r}.npz")
+        got = arrays(ranks_out / f"syncbn-rank{r}.npz")
         np.testing.assert_allclose(got[0], outputs[worker.halves(2, r)], rtol=1e-4, atol=1e-5)
         for g, want in zip(got[1:], moving):
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
