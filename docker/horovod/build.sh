@@ -33,7 +33,7 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     "horovod==$HOROVOD_VERSION" -d "$work"
   tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
   src="$work/horovod-$HOROVOD_VERSION"
-  for p in "$here"/*.patch; do
+  for p in "$here"/*.patch; do  # in name order: keras3-N- patches build on each other
     patch -s --batch -d "$src" -p1 < "$p" >/dev/null 2>&1 \
       || { echo "build.sh: $(basename "$p") does not apply to Horovod $HOROVOD_VERSION" >&2; exit 1; }
   done
