@@ -51,7 +51,7 @@ lint: setup
 
 test: lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-		-m "not bench"
+		--durations=12 -m "not bench"
 
 # The benchmark scripts end to end, each on the smallest config (about 3 minutes).
 test-bench: setup
