@@ -8,6 +8,8 @@
 # base image would: where TLS goes through a proxy with its own CA, pip in the image needs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# debootstrap and the chroot it calls live in /usr/sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 base=localhost/debian-bookworm:base
 bash docker/debian-packages.sh podman debootstrap
 if ! podman image exists "$base"; then
