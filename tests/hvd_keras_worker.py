@@ -95,8 +95,9 @@ def tape(out):
     np.savez(os.path.join(out, f"tape-rank{rank}.npz"), **arrays)
 
 
-def halves(size, rank):
-    return slice(rank * ROWS // size, (rank + 1) * ROWS // size)
+def halves(size, rank, rows=ROWS):
+    """Rank `rank`'s equal share of `rows` rows."""
+    return slice(rank * rows // size, (rank + 1) * rows // size)
 
 
 def uneven(rank):
@@ -154,7 +155,7 @@ def fit(out):
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     x, y = fit_data()
-    rows = slice(rank * FIT_ROWS // size, (rank + 1) * FIT_ROWS // size)
+    rows = halves(size, rank, FIT_ROWS)
     arrays = {}
     for run, batch_size in (("a", 4), ("b", 2)):
         model = fit_model(seed=rank)
