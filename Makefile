@@ -11,6 +11,8 @@
 # make bench-zero  dist.zero 0-3 at 2 processes: tiny and small speed; memory of a 142M model
 #              and of a thin 24-layer one (stage 3 with and without prefetch)
 # make bench-timeline  stage 3's all-gathers in a Horovod timeline, prefetch on and off
+# make bench-faults  a rank killed, preempted or frozen in 2-process runs (Gloo and MPI): time to
+#              detect, exit status, work lost
 # make setup   Debian packages, .venv/ with the pinned stack, Horovod built by docker/horovod/build.sh
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
 #              EXTRAS= the setup.cfg extras (the images: none, or gpu)
@@ -26,7 +28,7 @@ EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test test-bench lint bench-data bench-recipe bench-serving bench-peers \
-	bench-strategies bench-zero bench-timeline image-test clean
+	bench-strategies bench-zero bench-timeline bench-faults image-test clean
 
 setup: $(STAMP)
 
@@ -51,7 +53,7 @@ lint: setup
 
 test: lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-		--durations=12 -m "not bench"
+		--durations=25 -m "not bench"
 
 # The benchmark scripts end to end, each on the smallest config (about 3 minutes).
 test-bench: setup
@@ -68,6 +70,9 @@ bench-serving: setup
 
 bench-peers: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/peers.py --processes $(NP)
+
+bench-faults: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/faults.py
 
 bench-strategies: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/strategies.py

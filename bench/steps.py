@@ -1,6 +1,7 @@
 """Shared by the benchmarks: `python -m hvd_llama.bench ARGS` in a fresh process (alone, or
 under horovodrun on this host with the given controller), its result as a dict; the
-rewriting of a benchmark's table in BENCHMARKS.md; and the publishing of a run's rows."""
+rewriting of a benchmark's table in BENCHMARKS.md; the publishing of a run's rows; and the
+CPU they were measured on."""
 
 import datetime
 import json
@@ -39,6 +40,18 @@ def replace_section(path, begin, end, lines):
         head, rest = text.split(begin, 1)
         with open(path, "w") as f:
             f.write(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+
+
+def cpu():
+    """This CPU's model and the flags that change TensorFlow's speed, from /proc/cpuinfo."""
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{info.get('model name', 'unknown CPU')} ({', '.join(shown) or 'no AVX2'})"
 
 
 def publish(rows, steps, name, table, results, benchmarks, begin, end):

@@ -2,10 +2,12 @@
 
 Everything hvd_llama leaves behind (prepared data, checkpoints, exports) is written under a
 temporary name beside its final place and renamed on success. Rename is atomic within one
-filesystem, so a crash mid-write leaves a `.partial-*` leftover, never a half-written result.
+filesystem, so a crash mid-write leaves a `.partial-*` leftover, never a half-written result;
+the next write to the same place removes it.
 """
 
 import os
+import re
 import shutil
 
 
@@ -27,6 +29,7 @@ class atomic_path:
 
     def __enter__(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)
+        remove_stale(self.final)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -40,6 +43,49 @@ class atomic_path:
             remove(old)
         else:
             os.replace(self.tmp, self.final)
+
+
+def writable_file(path):
+    """A UserError unless a file can be written at `path`: checked before work that ends in it."""
+    from hvd_llama.errors import UserError
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; give a file name")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: cannot write there ({parent} is not a writable directory)")
+
+
+def follow_umask(path):
+    """Give `path` the mode a plain open() would have (some writers make 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def remove_stale(final):
+    """Remove what writers of `final` killed mid-write left beside it: `.partial-TAG` and
+    `.old-TAG` entries, unless TAG is a live process (it may still be writing). An `.old-PID`
+    whose `final` is missing was killed between its two renames: it is put back."""
+    parent, name = os.path.split(os.path.abspath(final))
+    pattern = re.compile(re.escape(name) + r"\.(partial|old)-(\w+)$")
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.match(entry)
+        tag = match and match.group(2)  # a pid, or a name such as checkpoints' "ranks"
+        if match and not (tag.isdigit() and _alive(int(tag))):
+            if match.group(1) == "old" and not os.path.exists(final):
+                os.replace(os.path.join(parent, entry), final)
+            else:
+                remove(os.path.join(parent, entry))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def write_bytes(path, payload):

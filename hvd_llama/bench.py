@@ -31,7 +31,7 @@ import sys
 import time
 
 from hvd_llama import cli
-from hvd_llama.atomic import write_bytes
+from hvd_llama.atomic import writable_file, write_bytes
 from hvd_llama.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -50,6 +50,8 @@ def main(argv=None):
 def _bench(what, args):
     from hvd_llama import config as config_lib
     c = config_lib.load(args.config, args.overrides) if what == "step" else None
+    if args.output:  # refused now, not after the whole run
+        writable_file(args.output)
     cli.import_tensorflow()
     from hvd_llama import distributed as dist, replicas
     dist.init(c.dist if c else None, threads=args.threads)
@@ -68,7 +70,7 @@ def _parser(what):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--output", metavar="PATH", help="also write the JSON object to PATH")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=cli.at_least(0), default=0,
                         help="intra-op threads per process (default: the host's cores over "
                              "its processes)")
     if what == "allreduce":
@@ -77,7 +79,8 @@ def _parser(what):
                             help="time spent on each size and compression (at least 3 calls)")
         return parser
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 untimed)")
+    parser.add_argument("--steps", type=cli.at_least(1), default=5,
+                        help="timed steps (after 2 untimed)")
     parser.add_argument("--single", type=float, default=0.0, metavar="TOKENS_PER_S",
                         help="tokens/s of one process on a rank's share of the host")
     parser.add_argument("--measure-single", action="store_true",

@@ -18,18 +18,21 @@ the model config the weights belong to, the layout that wrote it and every file'
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from hvd_llama import compat, distributed as dist, optim
-from hvd_llama.atomic import atomic_path, remove
+from hvd_llama.atomic import atomic_path, remove, remove_stale
 from hvd_llama.errors import UserError, read_json
 
 KEEP = 3  # most recent checkpoints kept on disk
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_LEFTOVER = re.compile(r"^(step-\d{8})\.(partial|old)-")  # atomic_path's names
 STATE = "state"  # the bundle's prefix inside a checkpoint directory
 
 
@@ -46,18 +49,44 @@ def latest(run_dir):
 def resume_point(config):
     """Whether this run starts fresh (None) or resumes (the meta of the checkpoint to resume
     from), decided by rank 0 before any compute: the trainer broadcasts the verdict. A UserError
-    for a fresh start over another run's checkpoints, or a resume of a different model shape."""
-    path = latest(config.run.dir)
-    if path is None:
-        if config.train.resume:
-            print(f"train.resume=true but {directory(config.run.dir)} holds no checkpoint: "
-                  "starting fresh", flush=True)
+    for a fresh start over another run's checkpoints, a resume without one (train.resume=true),
+    or a resume of a different model shape. A checkpoint whose files are missing or truncated
+    is passed over, with a line saying so, for the newest one before it that is whole."""
+    mode, steps = config.train.resume, sorted(_steps(config.run.dir), reverse=True)
+    if not steps:
+        if mode == "true":
+            raise UserError(f"train.resume=true but {directory(config.run.dir)} holds no "
+                            "checkpoint (train.resume=auto starts fresh when there is none)")
         return None
-    if not config.train.resume:
-        raise UserError(f"run.dir {config.run.dir} already holds checkpoints ({path}); pass "
-                        "train.resume=true to continue it, or choose another run.dir")
-    meta = read_meta(path)
-    check_files(path, meta)
+    if mode == "false":
+        raise UserError(f"run.dir {config.run.dir} already holds checkpoints "
+                        f"({latest(config.run.dir)}); pass train.resume=true to continue it, or "
+                        "choose another run.dir")
+    damaged = []
+    for step in steps:
+        path = os.path.join(directory(config.run.dir), f"step-{step:08d}")
+        try:
+            meta = read_meta(path)
+            check_files(path, meta)
+        except UserError as e:
+            print(f"passing over checkpoint {path}: {e}", flush=True)
+            damaged.append(e)
+            continue
+        _check_matches(path, meta, config)
+        for bad in sorted(_steps(config.run.dir)):  # kept for a look, but out of the way of
+            if bad > step:                          # `latest`, pruning and the next saves
+                bad = os.path.join(directory(config.run.dir), f"step-{bad:08d}")
+                os.replace(bad, f"{bad}.damaged-{os.getpid()}")
+                print(f"moved {bad} to {bad}.damaged-{os.getpid()}", flush=True)
+        meta["path"] = path
+        return meta
+    raise UserError(f"no checkpoint in {directory(config.run.dir)} is whole; the newest: "
+                    f"{damaged[0]}")
+
+
+def _check_matches(path, meta, config):
+    """A UserError unless checkpoint `meta` holds the model, sequence length and optimizer
+    state layout `config` trains."""
     want = dataclasses.asdict(config.model)
     have = meta.get("model") or {}
     diff = [f"model.{k} (checkpoint {have.get(k)}, config {v})"
@@ -72,14 +101,14 @@ def resume_point(config):
             (meta.get("precision") == "float16") != (config.train.precision == "float16"):
         raise UserError(f"{path}: checkpoint was trained with train.precision="
                         f"{meta.get('precision')}, the config says {config.train.precision}")
-    meta["path"] = path
-    return meta
 
 
 def load_latest(run_dir):
     """(config, float32 model, checkpoint path) of the newest checkpoint in run_dir: weights
     only, for exporting and converting."""
     from hvd_llama import config as config_lib, model as model_lib
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = config_lib.load(os.path.join(run_dir, "config.yaml"))
     path = latest(run_dir)
     if path is None:
@@ -131,6 +160,8 @@ def save(config, layout, step, rows, model, optimizer=None):
     """Every process writes its share of checkpoint `step` (rows = global sequences consumed
     so far); a collective that returns once the checkpoint is in place. Without an optimizer
     it holds the weights alone (an import): training resumes them with a fresh optimizer."""
+    if layout.zero < 3:  # stage 3's processes hold different shares by design
+        check_same_weights(model, step)
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
     saving = atomic_path(final, tag="ranks")  # one directory for every process
     with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp:
@@ -155,10 +186,26 @@ def save(config, layout, step, rows, model, optimizer=None):
     if dist.is_chief():
         for old in sorted(_steps(config.run.dir))[:-KEEP]:
             remove(os.path.join(directory(config.run.dir), f"step-{old:08d}"))
-        for name in os.listdir(directory(config.run.dir)):  # saves that a crash cut short
-            if name.endswith(".partial-ranks"):
-                remove(os.path.join(directory(config.run.dir), name))
+        for name in os.listdir(directory(config.run.dir)):  # what a killed save left
+            if _LEFTOVER.match(name):
+                remove_stale(os.path.join(directory(config.run.dir), _LEFTOVER.match(name)[1]))
     dist.barrier()  # on return the checkpoint is in place for every process to read
+
+
+def check_same_weights(model, step):
+    """A UserError, on every process alike, unless all processes hold the same weights: one
+    allgather of a checksum each (exact sums of each tensor's float bits: a change of any one
+    value shows, though changes that cancel out would not)."""
+    sums = [tf.reduce_sum(tf.cast(tf.bitcast(tf.convert_to_tensor(v), tf.int32), tf.int64))
+            for v in model.weights if v.dtype == "float32"]
+    digest = hashlib.sha256(np.array(sums, dtype=np.int64).tobytes()).hexdigest()[:12]
+    digests = dist.allgather_object(digest)
+    if len(set(digests)) > 1:
+        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
+        raise UserError(f"step {step}: the ranks' weights have diverged (" + "; ".join(
+            f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: checksum {d}"
+            for d, ranks in groups.items()) + f"); checkpoint {step} not written, the last one "
+            "is intact")
 
 
 def _entries(model, optimizer=None, moments=True):

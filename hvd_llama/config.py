@@ -70,7 +70,11 @@ class TrainConfig:
     # training) of the validation split per evaluation.
     eval_batches: int = 4
     seed: int = 0  # weight init and data order
-    resume: bool = False  # continue from the latest checkpoint in run.dir
+    export: bool = True  # the trained model as the next SavedModel version at the end
+    # "false": start fresh (refused over another run's checkpoints); "true": continue from the
+    # newest checkpoint in run.dir (refused if there is none); "auto": continue if there is
+    # one, else start fresh (a requeued or preempted job, see README "Failures").
+    resume: str = "false"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,11 @@ class DistConfig:
     cycle_time_ms: float = 0.0  # Horovod's background thread cycle; 0 = auto (distributed.py)
     timeline: str = ""  # Chrome-trace file of every collective (relative to run.dir); "" = off
     autotune: bool = False  # let Horovod tune fusion and cycle time; logs to autotune.csv
+    # Horovod's stall inspector: name the ranks that have not reached a collective the others
+    # wait in after this many seconds (0: never check), and end the job after that many (0:
+    # never; the ranks wait on).
+    stall_warning_seconds: int = 60
+    stall_shutdown_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,14 +150,29 @@ def _apply_file(tree, path, depth=0):
     _merge(tree, data, source=path)
 
 
+def check_own_run(path, run_dir):
+    """For training: a run's own config.yaml (as the trainer writes it) names the directory it
+    was written in, so a copied run directory's would send the run back into the original.
+    Called when run.dir came from the file at `path`, not from the command line."""
+    here = os.path.dirname(os.path.abspath(path))
+    is_run = os.path.basename(path) == "config.yaml" and \
+        os.path.isdir(os.path.join(here, "checkpoints"))
+    if is_run and os.path.realpath(run_dir) != os.path.realpath(here):
+        raise UserError(f"{path} is the config of the run in {here}, but its 'run.dir' is "
+                        f"{run_dir}: pass run.dir={here} to continue this copy (or run.dir="
+                        f"{run_dir} for the original)")
+
+
 def _read_yaml(path):
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    except OSError as e:
+        raise UserError(f"config file {path}: unreadable ({e.strerror})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -156,11 +180,12 @@ def _read_yaml(path):
     return data
 
 
-_BOOL_OR_STR = {"jit_compile"}
+_BOOL_OR_STR = {"jit_compile", "resume"}
 _CHOICES = {
     "train.precision": ("float32", "bfloat16", "float16"),
     "train.jit_compile": ("auto", "true", "false"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.resume": ("false", "true", "auto"),
     "dist.compression": ("none", "fp16"),
     "dist.strategy": ("horovod", "mirrored", "hybrid"),
 }
@@ -176,7 +201,8 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "train.warmup_steps", "train.seed", "train.weight_decay", "train.clip_norm",
     "train.eval_every", "train.eval_batches", "train.peak_tflops", "dist.fusion_threshold_mb",
-    "dist.cycle_time_ms", "dist.logical_cpus",
+    "dist.cycle_time_ms", "dist.logical_cpus", "dist.stall_warning_seconds",
+    "dist.stall_shutdown_seconds",
 )
 
 
@@ -253,8 +279,16 @@ def validate(c):
     if c.dist.zero == 3 and c.train.jit_compile == "true":
         raise UserError("'train.jit_compile'=true cannot compile dist.zero=3's forward pass, "
                         "which all-gathers each layer's weights: use auto or false")
+    if 0 < c.dist.stall_shutdown_seconds < c.dist.stall_warning_seconds \
+            or (c.dist.stall_shutdown_seconds and not c.dist.stall_warning_seconds):
+        # Horovod would ignore it with a warning: it shuts down only ranks it has reported.
+        raise UserError(f"'dist.stall_shutdown_seconds' ({c.dist.stall_shutdown_seconds}) must be "
+                        f"0 or >= 'dist.stall_warning_seconds' ({c.dist.stall_warning_seconds}, "
+                        "which must then be > 0)")
     Layout.of(c)  # grad_accum must divide the global batch; processes are checked at start
     if c.data.path != "builtin" and not os.path.isdir(os.path.expanduser(c.data.path)):
         raise UserError(f"'data.path': no such dataset directory: {c.data.path}")
     if not c.run.dir:
         raise UserError("'run.dir' must not be empty")
+    if os.path.exists(c.run.dir) and not os.path.isdir(c.run.dir):
+        raise UserError(f"'run.dir': {c.run.dir} exists and is not a directory")

@@ -127,10 +127,11 @@ def main(argv=None):
                                    "(python -m hvd_llama.prepare --help)")
     i = sub.add_parser("inspect", help="totals, shards, the split over processes, samples")
     i.add_argument("dir")
-    i.add_argument("--seq-len", type=int, default=2048)
-    i.add_argument("--processes", type=int, default=1)
-    i.add_argument("--batch-size", type=int, default=1, help="sequences per process per step")
-    i.add_argument("--samples", type=int, default=3)
+    i.add_argument("--seq-len", type=cli.at_least(1), default=2048)
+    i.add_argument("--processes", type=cli.at_least(1), default=1)
+    i.add_argument("--batch-size", type=cli.at_least(1), default=1,
+                   help="sequences per process per step")
+    i.add_argument("--samples", type=cli.at_least(0), default=3)
     return cli.main(parser, lambda a: inspect(a.dir, a.seq_len, a.processes, a.batch_size,
                                               a.samples), argv)
 

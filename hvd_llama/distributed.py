@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvd_llama import compat
-from hvd_llama.errors import UserError
+from hvd_llama.errors import RanksLost, UserError
 from hvd_llama.launcher import launched, launched_size
 
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
@@ -76,6 +76,11 @@ def horovod_env(dc, run_dir, gpus=False):
         env["HOROVOD_CYCLE_WAKE"] = "1"
     if dc.timeline:
         env["HOROVOD_TIMELINE"] = os.path.join(run_dir, dc.timeline)
+    if dc.stall_warning_seconds:
+        env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(dc.stall_warning_seconds)
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(dc.stall_shutdown_seconds)
+    else:
+        env["HOROVOD_STALL_CHECK_DISABLE"] = "1"
     return env
 
 
@@ -162,6 +167,13 @@ def allreduce_sum(tensor):
     return _hvd.allreduce(tensor, op=_hvd.Sum)
 
 
+def allreduce_max(value):
+    """The largest of a number over all processes, as a Python int."""
+    if _hvd is None:
+        return int(value)
+    return int(_hvd.allreduce(tf.constant(int(value), tf.int64), op=_hvd.Max).numpy())
+
+
 def allreduce_mean(value):
     """Mean of a scalar or array over all processes, as numpy (for metrics)."""
     value = np.asarray(value)
@@ -195,6 +207,18 @@ def barrier():
     """Return once every process got here (an allreduce of nothing: every rank must join)."""
     if _hvd is not None:
         _hvd.allreduce(tf.constant(0.0), op=_hvd.Sum, name="barrier")
+
+
+def lost_ranks(error):
+    """A RanksLost for a tf.errors.OpError raised by a Horovod collective (a rank died or
+    Horovod shut down), else None."""
+    text = f"{error.message} {getattr(error, '_node_def', '') or ''}"
+    if _hvd is None or "Horovod" not in text:
+        return None
+    # TensorFlow's message: where the op was made, then the op's own error, then its node.
+    lines = [x.strip() for x in error.message.splitlines() if x.strip()]
+    cause = next((x for x in reversed(lines) if not x.startswith("[[")), "no message")
+    return RanksLost(f"a collective failed: another rank died, hung up or stalled ({cause})")
 
 
 class _AllreducedGradients:

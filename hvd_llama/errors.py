@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad config, data, checkpoint or launch: the message names the key, file or rank."""
 
 
+class RanksLost(Exception):
+    """A collective failed: another rank died, hung up or was stopped by Horovod's stall
+    inspector. Not this process's fault: one line naming the collective, exit status 1."""
+
+
 def read_json(path, what):
     """The JSON document at `path`; a UserError naming the file (and `what` it should be)."""
     try:

@@ -114,7 +114,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--output", help="default: RUN_DIR/saved_model")
-    parser.add_argument("--version", type=int, help="default: one past the highest there")
+    parser.add_argument("--version", type=cli.at_least(1),
+                        help="default: one past the highest there")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
     return cli.main(parser, _export_run, argv)
 

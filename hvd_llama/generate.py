@@ -87,8 +87,8 @@ def main(argv=None):
     parser.add_argument("source", help="a run directory, or a SavedModel with generate_text "
                                        "(RUN_DIR/saved_model_text/<version>)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=cli.at_least(1), default=64)
+    parser.add_argument("--temperature", type=cli.at_least(0.0, float), default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     return cli.main(parser, _generate, argv)

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from hvd_llama.atomic import follow_umask
 from hvd_llama.errors import UserError, read_json
 
 # safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, which TF ships).
@@ -191,6 +192,7 @@ def save(model, mc, out_dir, max_shard_bytes=2 << 30):
     index = {}
     for name, tensors in zip(names, shards):
         save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        follow_umask(os.path.join(out_dir, name))  # safetensors writes it 0600
         index.update({t: name for t in tensors})
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

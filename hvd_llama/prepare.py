@@ -25,7 +25,7 @@ import time
 from collections import Counter
 
 from hvd_llama import cli, corpus, shards, tokenizer
-from hvd_llama.atomic import remove
+from hvd_llama.atomic import remove, remove_stale
 from hvd_llama.errors import UserError
 
 SAMPLE_BYTES = 200 << 20  # text the tokenizer is trained on, at most
@@ -75,6 +75,7 @@ def prepare(inputs, output, tokenizer_model=None, vocab_size=32000, text_field="
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     work = comm.broadcast(f"{output}.partial-{os.getpid()}")
     if comm.rank == 0:
+        remove_stale(output)  # an earlier prepare's, killed mid-way
         os.makedirs(work)
     comm.allgather(None)  # the directory exists before anyone writes into it
     try:
@@ -269,11 +270,13 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="a new directory")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="use this sentencepiece model (e.g. LLaMA's)")
-    tok.add_argument("--vocab-size", type=int, default=32000, help="train one of this size")
+    tok.add_argument("--vocab-size", type=cli.at_least(1), default=32000,
+                     help="train one of this size")
     parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+    parser.add_argument("--workers", type=cli.at_least(1), default=os.cpu_count(),
                         help="processes on this host")
-    parser.add_argument("--min-chars", type=int, default=1, help="drop shorter cleaned documents")
+    parser.add_argument("--min-chars", type=cli.at_least(1), default=1,
+                        help="drop shorter cleaned documents")
     parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out")
     parser.add_argument("--no-progress", action="store_true")
     return cli.main(parser, _run, argv)

@@ -45,7 +45,10 @@ def load(model_path, vocab_size=None):
     """Load a sentencepiece model; if `vocab_size` is given, it must match the model's."""
     if not os.path.isfile(model_path):
         raise UserError(f"tokenizer not found: {model_path}")
-    sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=model_path)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{model_path}: not a sentencepiece model ({e})") from e
     if vocab_size is not None and sp.vocab_size() != vocab_size:
         raise UserError(f"{model_path}: tokenizer has {sp.vocab_size()} tokens but "
                         f"'model.vocab_size' is {vocab_size}")

@@ -10,7 +10,7 @@ The same command runs as one plain process, under horovodrun (Gloo or MPI) and u
 import argparse
 import sys
 
-from hvd_llama import cli, hardware
+from hvd_llama import cli, hardware, preemption
 
 
 def main(argv=None):
@@ -20,9 +20,9 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, FLOPs, batch, tokens, and per ZeRO stage the "
                              "memory, bytes sent and step time; build nothing")
-    parser.add_argument("--processes", type=int, default=1,
+    parser.add_argument("--processes", type=cli.at_least(1), default=1,
                         help="with --dry-run: the process count to plan for")
-    parser.add_argument("--devices", type=int, default=1,
+    parser.add_argument("--devices", type=cli.at_least(1), default=1,
                         help="with --dry-run: devices per process (dist.strategy mirrored, "
                              "hybrid)")
     parser.add_argument("--gpu", type=str.upper, choices=hardware.GPUS, default="",
@@ -42,15 +42,18 @@ def main(argv=None):
 def _train(args):
     from hvd_llama import config
     cfg = config.load(args.config, args.overrides)
+    if args.config and not any(o.startswith("run.dir=") for o in args.overrides):
+        config.check_own_run(args.config, cfg.run.dir)
     if args.dry_run:
         print("\n".join(_plan(cfg, args)))
         return
+    preemption.install()  # from here a signal stops the run after a step, with a checkpoint
     # Only now TensorFlow: `--help`, `--dry-run` and config errors answer without it.
     cli.import_tensorflow()
     from hvd_llama import distributed, replicas, trainer
     distributed.init(cfg.dist, cfg.run.dir)  # Horovod (under a launcher), CPU threads
     replicas.setup(cfg.dist, distributed.local_rank(), distributed.local_size())  # devices
-    trainer.run(cfg)
+    return trainer.run(cfg)
 
 
 def _plan(cfg, args):

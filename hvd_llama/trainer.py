@@ -17,7 +17,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from hvd_llama import checkpoint, data, distributed as dist, export, hardware, plan, replicas
+from hvd_llama import checkpoint, data, distributed as dist, export, hardware, plan, preemption
+from hvd_llama import replicas
 from hvd_llama import config as config_lib, step as step_lib
 from hvd_llama.atomic import atomic_path, write_bytes
 from hvd_llama.errors import UserError
@@ -26,11 +27,13 @@ from hvd_llama.shards import Prepared
 
 
 def run(c):
-    """Train Config c; returns the trained model and {"step", "loss"} of the last log."""
+    """Train Config c; the process's exit status: 0, or preemption.exit_status of the signal
+    that stopped it (a checkpoint was written at the step it stopped after)."""
     r = setup(c)
-    last = loop(c, r)
-    finish(c, r, last)
-    return r.model, last
+    if r.start >= c.train.steps:
+        return 0
+    finish(c, r, loop(c, r))
+    return preemption.exit_status(r.stopped_by) if r.stopped_by else 0
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class Run:
     start: int  # the last step already done (0: a fresh run)
     rows: int  # global rows consumed by the steps done
     peak: float  # the devices' peak TFLOP/s per process, for MFU (0: unknown)
+    stopped_by: int = 0  # the signal the ranks stopped early on (preemption.py); 0: none
 
 
 def setup(c):
@@ -65,9 +69,12 @@ def setup(c):
     resume = dist.broadcast_object(verdict)  # 1
     if isinstance(resume, UserError):
         raise resume
-    if dist.is_chief():
-        os.makedirs(c.run.dir, exist_ok=True)
-        write_bytes(os.path.join(c.run.dir, "config.yaml"), config_lib.to_yaml(c).encode())
+    if resume and resume["step"] >= c.train.steps:
+        if dist.is_chief():  # nothing to train, so nothing is written
+            print(f"{resume['path']}: already at step {resume['step']}, train.steps is "
+                  f"{c.train.steps}: nothing to do (raise train.steps to train on; python -m "
+                  f"hvd_llama.export {c.run.dir} exports it)", flush=True)
+        return Run(layout, None, None, None, False, resume["step"], resume["rows"], 0.0)
 
     path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size, dist.local_rank()) \
         if c.data.path == "builtin" else c.data.path
@@ -80,6 +87,9 @@ def setup(c):
     for rank, error in enumerate(failed):
         if error:
             raise UserError(f"rank {rank}: {error}" if len(failed) > 1 else str(error))
+    if dist.is_chief():  # once the data and the checkpoint have been found good
+        os.makedirs(c.run.dir, exist_ok=True)
+        write_bytes(os.path.join(c.run.dir, "config.yaml"), config_lib.to_yaml(c).encode())
     if layout.zero < 3:
         dist.broadcast_variables(model.variables)  # 4
     if layout.zero:
@@ -123,13 +133,18 @@ def _banner(c, r, world, peak_source):
         f"data: {r.dataset.path}: {train.n:,} sequences "
         f"({c.train.steps * r.layout.global_batch / max(train.n, 1):.2f} epochs), "
         f"{c.train.eval_batches if evaluates else 0} validation batch(es) of "
-        f"{r.layout.global_batch}; this run: steps {r.start + 1}..{c.train.steps}"]
+        f"{r.layout.global_batch}; this run: steps {r.start + 1}..{c.train.steps}",
+        *([f"note: train.warmup_steps={c.train.warmup_steps} exceeds train.steps="
+           f"{c.train.steps}: the learning rate never reaches train.learning_rate"]
+          if c.train.warmup_steps > c.train.steps else [])]
 
 
 def loop(c, r):
     """The optimizer steps from r.start + 1 to train.steps; {"step", "loss"} of the last log.
-    Collectives: the step's allreduce (or ZeRO's), at each logged step the mean loss (and the
-    validation loss when evaluating), and the barriers of each checkpoint."""
+    Collectives: the step's allreduce (or ZeRO's); at each logged step the mean loss (and the
+    validation loss when evaluating); after each step but the last, the max of the signals
+    received (preemption.py); at each checkpoint the allgather of the weights' checksums and
+    the save's barriers."""
     layout, optimizer = r.layout, r.optimizer
     batches = data.dataset(r.dataset.sequences("train", c.data.seq_len), layout, c.train.seed,
                            first_row=r.rows, steps=c.train.steps - r.start)
@@ -141,35 +156,44 @@ def loop(c, r):
     flops_per_step = plan.flops_per_token(c.model, c.data.seq_len) * layout.tokens_per_step
     last, skipped = {"step": r.start, "loss": None}, 0
     t_log, steps_since_log = time.perf_counter(), 0
-    for step, batch in enumerate(batches, start=r.start + 1):
-        loss, grad_norm, learning_rate = train_step(batch)
-        r.rows = layout.position(r.rows, 1)
-        steps_since_log += 1
-        grad_norm = float(grad_norm)  # of the allreduced gradients: the same on every rank
-        if not math.isfinite(grad_norm):
-            skipped += 1
-            _nonfinite(c, optimizer, step, skipped)
-        last_step = step == c.train.steps
-        val_loss = None
-        if val and (step % c.train.eval_every == 0 or last_step):
-            t_eval = time.perf_counter()  # every rank evaluates its part of the same batches
-            val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
-            t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
-        if step % c.train.log_every == 0 or last_step or val_loss is not None:
-            now = time.perf_counter()
-            seconds_per_step = (now - t_log) / steps_since_log
-            record = _record(c, step, float(dist.allreduce_mean(loss)), learning_rate,
-                             grad_norm, skipped, seconds_per_step, layout.tokens_per_step,
-                             flops_per_step / (r.peak * 1e12 * dist.size()) if r.peak else 0.0)
-            if c.train.precision == "float16":
-                record["loss_scale"] = float(optimizer.dynamic_scale.numpy())
-            if val_loss is not None:
-                record.update(val_loss=val_loss, val_perplexity=_perplexity(val_loss))
-            metrics.write(record)
-            last = {"step": step, "loss": record["loss"]}
-            t_log, steps_since_log = now, 0
-        if step % c.train.checkpoint_every == 0 or last_step:
-            checkpoint.save(c, layout, step, r.rows, r.model, optimizer)  # every rank
+    try:
+        for step, batch in enumerate(batches, start=r.start + 1):
+            loss, grad_norm, learning_rate = train_step(batch)
+            r.rows = layout.position(r.rows, 1)
+            steps_since_log += 1
+            grad_norm = float(grad_norm)  # of the allreduced gradients: the same on every rank
+            if not math.isfinite(grad_norm):
+                skipped += 1
+                _nonfinite(c, optimizer, step, skipped)
+            last_step = step == c.train.steps
+            val_loss = None
+            if val and (step % c.train.eval_every == 0 or last_step):
+                t_eval = time.perf_counter()  # every rank evaluates its part of the same batches
+                val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
+                t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
+            if step % c.train.log_every == 0 or last_step or val_loss is not None:
+                now = time.perf_counter()
+                seconds_per_step = (now - t_log) / steps_since_log
+                record = _record(c, step, float(dist.allreduce_mean(loss)), learning_rate,
+                                 grad_norm, skipped, seconds_per_step, layout.tokens_per_step,
+                                 flops_per_step / (r.peak * 1e12 * dist.size()) if r.peak else 0.0)
+                if c.train.precision == "float16":
+                    record["loss_scale"] = float(optimizer.dynamic_scale.numpy())
+                if val_loss is not None:
+                    record.update(val_loss=val_loss, val_perplexity=_perplexity(val_loss))
+                metrics.write(record)
+                last = {"step": step, "loss": record["loss"]}
+                t_log, steps_since_log = now, 0
+            # A signal on any rank stops every rank after this step, with a checkpoint of it
+            # (after the last step the run simply ends, export included).
+            r.stopped_by = 0 if last_step else dist.allreduce_max(preemption.received())
+            if step % c.train.checkpoint_every == 0 or last_step or r.stopped_by:
+                checkpoint.save(c, layout, step, r.rows, r.model, optimizer)  # every rank
+            if r.stopped_by:
+                last["step"] = step
+                break
+    except tf.errors.OpError as e:  # a collective failed: one line, not a traceback per rank
+        raise dist.lost_ranks(e) or e
     metrics.close()
     return last
 
@@ -184,9 +208,18 @@ def _record(c, step, loss, learning_rate, grad_norm, skipped, seconds_per_step, 
 
 
 def finish(c, r, last):
-    """Rank 0 exports the trained model as the next SavedModel version, with its tokenizer.
-    No collectives."""
+    """Rank 0 exports the trained model as the next SavedModel version, with its tokenizer
+    (unless train.export is false); not after a signal stopped the run early. No collectives."""
     if not dist.is_chief():
+        return
+    if r.stopped_by:
+        print(f"stopped after step {last['step']} on {preemption.name(r.stopped_by)}: "
+              f"checkpoint {checkpoint.latest(c.run.dir)} written; train.resume=auto continues "
+              f"it (exit status {preemption.exit_status(r.stopped_by)})", flush=True)
+        return
+    if not c.train.export:
+        print(f"done: step {last['step']}, loss {last['loss']}; checkpoint "
+              f"{checkpoint.latest(c.run.dir)} (train.export=false)", flush=True)
         return
     exports = os.path.join(c.run.dir, "saved_model")  # TF Serving's <dir>/<version>/
     # dist.zero=3: this process holds a share of the weights; the last step's checkpoint, all.

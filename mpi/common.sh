@@ -126,6 +126,12 @@ check_launch() {
   else
     PYTHON=$(command -v "${PYTHON:-python}") || die "no python on PATH (set PYTHON=...)"
   fi
+  # The config and its overrides, before any rank starts (a rank would find the same error
+  # after horovodrun's start-up, in the middle of every rank's output).
+  local check=("$PYTHON")
+  [ -n "$CONTAINER" ] && check=(apptainer exec "$CONTAINER" python)
+  err=$("${check[@]}" -m hvd_llama.train --config "$CONFIG" "${OVERRIDES[@]}" --dry-run \
+        --processes "$NP" 2>&1 >/dev/null) || die "${err##*$'\n'}"
   local ssh=(ssh -o BatchMode=yes -o ConnectTimeout=10)
   [ -n "$SSH_PORT" ] && ssh+=(-p "$SSH_PORT")
   for host in "${HOSTS[@]}"; do

@@ -106,11 +106,11 @@ def assert_trains_like(out, reference, steps=STEPS):
 
 def train_args(out, cache_dir, *overrides, steps=STEPS):
     """mp_worker's micro run for `steps` steps at global batch 8, whatever the process and
-    device count, in OUT/run. Its gradient norms are 0.6-0.75: clipping at 0.5 acts at
-    every step."""
+    device count, in OUT/run, not exported (train.export=true where a test needs it). Its
+    gradient norms are 0.6-0.75: clipping at 0.5 acts at every step."""
     return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
             f"train.steps={steps}", "train.global_batch=8", "train.log_every=1",
-            "train.clip_norm=0.5",
+            "train.clip_norm=0.5", "train.export=false",
             f"train.checkpoint_every={steps}", *overrides]
 
 
@@ -119,7 +119,7 @@ def one_process(tmp_path_factory, cache_dir):
     """The reference: 1 process x batch 8, no XLA, with checkpoints at steps 2, 4 and 5."""
     out = str(tmp_path_factory.mktemp("np1"))
     run([sys.executable, *train_args(out, cache_dir, "train.checkpoint_every=2",
-                                     "train.jit_compile=false")])
+                                     "train.jit_compile=false", "train.export=true")])
     return out
 
 
@@ -135,3 +135,16 @@ def stopped_after_step_2(reference, out):
         f.writelines(first_two)
         f.truncate()
     return out
+
+
+# The files with the most real launches first: `make test` runs two files at a time
+# (pytest-xdist's loadfile, which hands out files in collection order), so the two workers
+# then finish together instead of one running the longest file alone at the end.
+LONGEST_FIRST = ["test_zero.py", "test_faults.py", "test_multiproc.py", "test_recipe.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the order inside each file is kept

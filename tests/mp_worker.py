@@ -5,7 +5,9 @@
         OUT/rank<r>-copies.json = how many device copies each weight has, their spread and
         the bytes of the optimizer's variables and of the weights held on this rank; with
         CRASH_IN_SAVE_RANK=r set, rank r exits in its first checkpoint save, right after
-        writing its share
+        writing its share; PERTURB_RANK=r: rank r's weights are nudged after the broadcast;
+        STEP_SECONDS and STALL_RANK slow steps down (_slow_down); a signal that stopped
+        the run (hvd_llama.preemption) gives its exit status and no OUT files
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
         step (and stage 0 on the same gradients); the float16 training step at stages 0, 2
@@ -37,10 +39,13 @@ def weights(model):
 
 
 def train(out, overrides):
-    from hvd_llama import checkpoint, config, distributed as dist, optim, replicas, trainer
+    from hvd_llama import checkpoint, config, distributed as dist, optim, preemption, replicas
+    from hvd_llama import trainer
+    preemption.install()
     cfg = config.load(MICRO, overrides)
     dist.init(cfg.dist, cfg.run.dir)
     replicas.setup(cfg.dist, dist.local_rank(), dist.local_size())
+    _slow_down(trainer.step_lib, dist.rank())
     if os.environ.get("CRASH_IN_SAVE_RANK") == str(dist.rank()):
         write = checkpoint._write
 
@@ -49,7 +54,11 @@ def train(out, overrides):
             os._exit(3)
         checkpoint._write = write_then_die
     r = trainer.setup(cfg)
+    if os.environ.get("PERTURB_RANK") == str(dist.rank()):  # after the broadcast of weights
+        r.model.weights[0].assign_add(np.full(r.model.weights[0].shape, 1e-3, np.float32))
     trainer.finish(cfg, r, trainer.loop(cfg, r))
+    if r.stopped_by:
+        sys.exit(preemption.exit_status(r.stopped_by))
     # dist.zero=3 holds a share of each weight: the whole ones are in the last checkpoint.
     model = checkpoint.load_latest(cfg.run.dir)[1] if cfg.dist.zero == 3 else r.model
     held = r.optimizer.shares if cfg.dist.zero == 3 else model.weights
@@ -63,6 +72,24 @@ def train(out, overrides):
                    "optimizer_bytes": sum(int(np.prod(v.shape)) * 4 for v in adamw.variables),
                    "weight_bytes": sum(int(np.prod(v.shape)) * 4 for v in held)},
                   f)
+
+
+def _slow_down(step_lib, rank):
+    """STEP_SECONDS=S: every step sleeps S seconds first (time for a test to signal a rank
+    mid-run). STALL_RANK=r: rank r sleeps 600 s before its step 3, Horovod's thread running."""
+    make = step_lib.make_train_step
+
+    def make_slow(*args, **kwargs):
+        step, calls = make(*args, **kwargs), [0]
+
+        def slow(batch):
+            calls[0] += 1
+            time.sleep(float(os.environ.get("STEP_SECONDS", 0)))
+            if os.environ.get("STALL_RANK") == str(rank) and calls[0] == 3:
+                time.sleep(600)
+            return step(batch)
+        return slow
+    step_lib.make_train_step = make_slow
 
 
 def data(out, path):

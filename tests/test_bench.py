@@ -189,3 +189,18 @@ def test_peers_end_to_end(tmp_path):
     assert f"| PyTorch DDP (Gloo) | 2 x {max(1, os.cpu_count() // 2)} |" in text
     assert (tmp_path / "results" / f"{stem}.png").stat().st_size > 0
     assert (tmp_path / "results" / f"{stem}.md").read_text() in text
+
+
+@pytest.mark.bench
+def test_faults_bench_end_to_end(tmp_path, cache_dir):
+    """bench/faults.py with the Gloo controller: a killed rank and a preemption signal, each
+    measured from a real 2-process run."""
+    run([sys.executable, os.path.join(REPO, "bench", "faults.py"), "--controllers", "gloo",
+         "--faults", "sigkill", "sigusr1", "--cache-dir", cache_dir, "--results",
+         str(tmp_path), "--benchmarks", ""])
+    [stem] = {name.rsplit(".", 1)[0] for name in os.listdir(tmp_path)}
+    killed, preempted = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    assert killed["detected"] and killed["exit_status"] == 137 and killed["rank_and_host_named"]
+    assert 0 < killed["work_lost_steps"] < 8  # steps since the checkpoint every 8th step
+    assert preempted["exit_status"] == 75 and preempted["work_lost_steps"] == 0
+    assert preempted["steps_after_fault"] in (0, 1)

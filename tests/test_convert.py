@@ -125,7 +125,8 @@ def test_fine_tune_an_import_under_horovodrun_and_give_it_back(tmp_path, cache_d
     before = weights(run_dir)
     horovodrun("gloo", ["-m", "hvd_llama.train", "--config", str(run_dir / "config.yaml"),
                         "train.resume=true", "train.steps=2", "train.global_batch=4",
-                        f"data.cache_dir={cache_dir}", "train.eval_every=0"])
+                        f"data.cache_dir={cache_dir}", "train.eval_every=0",
+                        "train.export=false"])
     with open(run_dir / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
     after = weights(run_dir)

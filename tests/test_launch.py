@@ -169,7 +169,7 @@ def test_slurm_dry_run_prints_the_srun_and_mpirun_lines(tmp_path):
     assert shlex.split(proc.stdout) == [
         "srun", "--mpi=pmix", "--nodes=2", "--ntasks-per-node=8", "--cpu-bind=none",
         "--kill-on-bad-exit=1", "apptainer", "exec", "--nv", str(image), "python", "-m",
-        "hvd_llama.train", "--config", TINY, "train.steps=10"]
+        "hvd_llama.train", "--config", TINY, "train.resume=auto", "train.steps=10"]
     # Inside an allocation Slurm's own figures win over NODES/TASKS_PER_NODE.
     proc = slurm("configs/tiny.yaml", SLURM_JOB_NUM_NODES="4", SLURM_NTASKS_PER_NODE="4",
                  NODES="2", TASKS_PER_NODE="8", IMAGE=str(image), LAUNCHER="mpirun")

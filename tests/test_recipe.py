@@ -134,19 +134,21 @@ def test_dry_run_memory_follows_precision_and_remat():
 
 def test_horovod_knobs_become_horovod_variables():
     dc = config.load(None, ["dist.fusion_threshold_mb=32", "dist.cycle_time_ms=2.5",
-                            "dist.timeline=tl.json"]).dist
+                            "dist.timeline=tl.json", "dist.stall_shutdown_seconds=90"]).dist
     env = distributed.horovod_env(dc, "/r")
     assert env == {"HOROVOD_FUSION_THRESHOLD": str(32 * 1024 * 1024),
                    "HOROVOD_CYCLE_TIME": "2.5", "HOROVOD_CYCLE_WAKE": "1",
-                   "HOROVOD_TIMELINE": "/r/tl.json"}
+                   "HOROVOD_TIMELINE": "/r/tl.json", "HOROVOD_STALL_CHECK_TIME_SECONDS": "60",
+                   "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "90"}
     auto = config.load(None).dist  # cycle_time_ms 0: Horovod's 1 ms with GPUs, longer without
     gpus = distributed.horovod_env(auto, "/r", gpus=True)
     assert gpus["HOROVOD_CYCLE_TIME"] == "1.0" and "HOROVOD_CYCLE_WAKE" not in gpus
     assert distributed.horovod_env(auto, "/r")["HOROVOD_CYCLE_TIME"] == \
         str(distributed.CPU_CYCLE_TIME_MS)
-    env = distributed.horovod_env(config.load(None, ["dist.autotune=true"]).dist, "/r")
+    env = distributed.horovod_env(config.load(
+        None, ["dist.autotune=true", "dist.stall_warning_seconds=0"]).dist, "/r")
     assert env == {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": "/r/autotune.csv",
-                   "HOROVOD_CYCLE_WAKE": "1"}
+                   "HOROVOD_CYCLE_WAKE": "1", "HOROVOD_STALL_CHECK_DISABLE": "1"}
 
 
 # --- Short real runs of the tiny config -----------------------------------------------------
@@ -175,7 +177,8 @@ def test_xla_compiled_steps_match_the_plain_ones(one_process, tmp_path, cache_di
 
 PRECISION_STEPS = 15
 # The micro config at ten times its learning rate: it learns fast enough to tell apart.
-PRECISION_RUN = [f"train.steps={PRECISION_STEPS}", "train.learning_rate=1.0e-2"]
+PRECISION_RUN = [f"train.steps={PRECISION_STEPS}", "train.learning_rate=1.0e-2",
+                 "train.export=false"]
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +241,7 @@ def test_nan_steps_can_be_skipped(tmp_path, cache_dir):
     proc = train_cli(f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.steps=4",
                      "train.learning_rate=1.0e+30", "train.warmup_steps=0",
                      "train.on_nonfinite=skip", "train.log_every=1", "train.eval_every=0",
+                     "train.export=false",
                      config=MICRO)
     last = records(run_dir)[-1]
     assert last["step"] == 4 and last["skipped_steps"] >= 1

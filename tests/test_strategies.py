@@ -30,7 +30,7 @@ def copies(out, rank=0):
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory, cache_dir):
     out = str(tmp_path_factory.mktemp("mirrored"))
-    proc = run([sys.executable, *train_args(out, cache_dir, *MIRRORED)])
+    proc = run([sys.executable, *train_args(out, cache_dir, *MIRRORED, "train.export=true")])
     return out, proc.stdout
 
 

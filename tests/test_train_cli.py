@@ -132,13 +132,17 @@ def test_run_dir_of_another_run_is_refused_and_untouched(trained, tmp_path, shor
 
 
 def test_corrupt_checkpoint_metadata_is_named(trained, tmp_path, short):
+    """Every checkpoint's metadata unreadable: the newest is named, nothing changes (one
+    damaged checkpoint is passed over for the one before: test_zero.py)."""
     run_dir, _ = trained
     other = str(tmp_path / "other")
     shutil.copytree(run_dir, other)
-    meta = os.path.join(other, "checkpoints", "step-00000006", "meta.json")
-    with open(meta, "w") as f:
-        f.write("{not json")
+    metas = [os.path.join(other, "checkpoints", f"step-0000000{s}", "meta.json") for s in (3, 6)]
+    for meta in metas:
+        with open(meta, "w") as f:
+            f.write("{not json")
     before = snapshot(other)
     proc = train_cli(f"run.dir={other}", *short, "train.resume=true", check=False)
-    assert_one_line_error(proc, meta)
+    assert_one_line_error(proc, "no checkpoint in", "is whole; the newest: " + metas[1])
+    assert f"passing over checkpoint {os.path.dirname(metas[0])}" in proc.stdout
     assert snapshot(other) == before
