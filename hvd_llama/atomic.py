@@ -3,17 +3,21 @@
 Everything hvd_llama leaves behind (prepared data, checkpoints, exports) is written under a
 temporary name beside its final place and renamed on success. Rename is atomic within one
 filesystem, so a crash mid-write leaves a `.partial-*` leftover, never a half-written result;
-the next write to the same place removes it.
+the next write to the same place removes it. A filesystem that refuses the write (full,
+read-only) ends it the same way, with a UserError naming the place.
 """
 
+import contextlib
+import errno
 import os
 import re
 import shutil
 
+from hvd_llama.errors import UserError
+
 
 def refuse_existing(path, overwrite):
     """An existing target is replaced only when asked: a UserError otherwise."""
-    from hvd_llama.errors import UserError
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{path} already exists (pass --overwrite to replace it)")
 
@@ -28,13 +32,15 @@ class atomic_path:
         self.tmp = f"{final}.partial-{tag or os.getpid()}"
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)
-        remove_stale(self.final)
+        with refused_as_user_error(self.final):
+            os.makedirs(os.path.dirname(os.path.abspath(self.final)), exist_ok=True)
+            remove_stale(self.final)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             remove(self.tmp)
+            _raise_if_refused(self.final, exc)
         elif os.path.isdir(self.final) and os.path.isdir(self.tmp):
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             old = f"{self.final}.old-{os.getpid()}"
@@ -45,9 +51,39 @@ class atomic_path:
             os.replace(self.tmp, self.final)
 
 
+# What a filesystem answers when it will not take a write: full, over quota, read-only, not ours.
+_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def refusal(exc):
+    """The reason (e.g. "No space left on device") if `exc` is a filesystem refusing a write,
+    as an OSError or as one of TensorFlow's errors (which carry only the text); else None."""
+    if isinstance(exc, OSError):
+        return exc.strerror if exc.errno in _REFUSALS else None
+    if isinstance(exc, UserError):  # ours: it already says what to do
+        return None
+    return next((os.strerror(e) for e in _REFUSALS if os.strerror(e) in str(exc)), None)
+
+
+@contextlib.contextmanager
+def refused_as_user_error(final):
+    """A refused write inside the block becomes a UserError naming `final`."""
+    try:
+        yield
+    except Exception as e:
+        _raise_if_refused(final, e)
+        raise
+
+
+def _raise_if_refused(final, exc):
+    reason = refusal(exc)
+    if reason:
+        raise UserError(f"{final}: cannot write it ({reason}); nothing was replaced, what was "
+                        "there is intact") from exc
+
+
 def writable_file(path):
     """A UserError unless a file can be written at `path`: checked before work that ends in it."""
-    from hvd_llama.errors import UserError
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory; give a file name")

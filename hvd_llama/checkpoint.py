@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from hvd_llama import compat, distributed as dist, optim
-from hvd_llama.atomic import atomic_path, remove, remove_stale
+from hvd_llama.atomic import atomic_path, refused_as_user_error, remove, remove_stale
 from hvd_llama.errors import UserError, read_json
 
 KEEP = 3  # most recent checkpoints kept on disk
@@ -164,7 +164,8 @@ def save(config, layout, step, rows, model, optimizer=None):
         check_same_weights(model, step)
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
     saving = atomic_path(final, tag="ranks")  # one directory for every process
-    with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp:
+    with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp, \
+            refused_as_user_error(final):  # on every rank (rank 0's atomic_path does it too)
         if dist.is_chief():
             remove(tmp)  # a crashed save's leftover
             os.makedirs(tmp)

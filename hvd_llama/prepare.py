@@ -25,7 +25,7 @@ import time
 from collections import Counter
 
 from hvd_llama import cli, corpus, shards, tokenizer
-from hvd_llama.atomic import remove, remove_stale
+from hvd_llama.atomic import refused_as_user_error, remove, remove_stale
 from hvd_llama.errors import UserError
 
 SAMPLE_BYTES = 200 << 20  # text the tokenizer is trained on, at most
@@ -74,21 +74,22 @@ def prepare(inputs, output, tokenizer_model=None, vocab_size=32000, text_field="
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     work = comm.broadcast(f"{output}.partial-{os.getpid()}")
-    if comm.rank == 0:
-        remove_stale(output)  # an earlier prepare's, killed mid-way
-        os.makedirs(work)
-    comm.allgather(None)  # the directory exists before anyone writes into it
-    try:
-        manifest = _prepare(comm, files, work, tokenizer_model, vocab_size, text_field,
-                            workers, min_chars, val_fraction, progress)
+    with refused_as_user_error(output):  # a full or read-only disk: one line, nothing left
         if comm.rank == 0:
-            os.replace(work, output)
-        comm.allgather(None)
-        return manifest
-    except BaseException:
-        if comm.rank == 0:
-            remove(work)
-        raise
+            remove_stale(output)  # an earlier prepare's, killed mid-way
+            os.makedirs(work)
+        comm.allgather(None)  # the directory exists before anyone writes into it
+        try:
+            manifest = _prepare(comm, files, work, tokenizer_model, vocab_size, text_field,
+                                workers, min_chars, val_fraction, progress)
+            if comm.rank == 0:
+                os.replace(work, output)
+            comm.allgather(None)
+            return manifest
+        except BaseException:
+            if comm.rank == 0:
+                remove(work)
+            raise
 
 
 def _prepare(comm, files, work, tokenizer_model, vocab_size, text_field, workers, min_chars,

@@ -20,7 +20,7 @@ import tensorflow as tf
 from hvd_llama import checkpoint, data, distributed as dist, export, hardware, plan, preemption
 from hvd_llama import replicas
 from hvd_llama import config as config_lib, step as step_lib
-from hvd_llama.atomic import atomic_path, write_bytes
+from hvd_llama.atomic import atomic_path, refused_as_user_error, write_bytes
 from hvd_llama.errors import UserError
 from hvd_llama.layout import Layout
 from hvd_llama.shards import Prepared
@@ -263,7 +263,7 @@ class _Metrics:
     def __init__(self, run_dir, steps, start):
         self.on, self.steps = dist.is_chief(), steps
         if self.on:
-            path = os.path.join(run_dir, "metrics.jsonl")
+            self.path = path = os.path.join(run_dir, "metrics.jsonl")
             if start and os.path.exists(path):
                 # A run that died after its last checkpoint logged steps that are now redone.
                 with open(path) as f:
@@ -275,8 +275,9 @@ class _Metrics:
     def write(self, r):
         if not self.on:
             return
-        self.file.write(json.dumps(r) + "\n")
-        self.file.flush()
+        with refused_as_user_error(self.path):  # a full disk: the lines before stay whole
+            self.file.write(json.dumps(r) + "\n")
+            self.file.flush()
         with self.tb.as_default(step=r["step"]):
             for key, value in r.items():
                 if key != "step":

@@ -7,6 +7,7 @@ OMPI_COMM_WORLD_RANK under MPI) and signalled from the test, as a node's failure
 scheduler would.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,9 +16,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 
-from conftest import (ENV, HOROVODRUN, MICRO, REPO, assert_trains_like, run,
-                      train_args)
+from conftest import (ENV, HOROVODRUN, MICRO, REPO, assert_one_line_error, assert_trains_like,
+                      losses, run, stopped_after_step_2, train_args)
 from hvd_llama import checkpoint, preemption
 
 
@@ -254,3 +257,64 @@ def test_an_export_or_a_prepare_killed_mid_write_leaves_no_half_output(
     run(prepare)
     assert os.path.isfile(tmp_path / "ds" / "manifest.json")
     assert [n for n in os.listdir(tmp_path) if n.startswith("ds")] == ["ds"]
+
+
+@contextlib.contextmanager
+def small_disk(path, size):
+    """A tmpfs of `size` mounted at `path` for the block (root only: skipped otherwise)."""
+    os.makedirs(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                                            "tmpfs", path]).returncode != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=True)
+
+
+def fill(disk, leave):
+    """Write a file that leaves `leave` bytes free on `disk`; its path."""
+    stat = os.statvfs(disk)
+    filler = os.path.join(disk, "filler")
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def test_a_full_or_read_only_disk_names_the_path_and_keeps_the_last_output(
+        one_process, tmp_path, cache_dir):
+    """A read-only run dir: the export says which path it could not write. A full one: the
+    checkpoint at step 4 fails with one line and the step-2 one stays the latest; with space
+    again, the resumed run trains as if nothing had happened. A prepare onto a full disk leaves
+    no dataset and no leftover."""
+    with small_disk(str(tmp_path / "disk"), "48m") as disk:
+        run_dir = os.path.join(stopped_after_step_2(one_process, disk), "run")
+        subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+        export = run([sys.executable, "-m", "hvd_llama.export", run_dir], check=False)
+        assert_one_line_error(export, f"{run_dir}/saved_model/1", "Read-only file system")
+        subprocess.run(["mount", "-o", "remount,rw", disk], check=True)
+
+        resume = [sys.executable, "-m", "hvd_llama.train", "--config", MICRO,
+                  *train_args(disk, cache_dir, "train.resume=true",
+                              "train.checkpoint_every=2", "train.jit_compile=false")[3:]]
+        filler = fill(disk, leave=1 << 20)  # room for log lines, not for a checkpoint
+        full = run(resume, check=False)
+        assert_one_line_error(full, f"{run_dir}/checkpoints/step-00000004",
+                              "No space left on device")
+        assert os.listdir(checkpoint.directory(run_dir)) == ["step-00000002"]
+        os.remove(filler)
+        run(resume)
+        np.testing.assert_allclose(losses(disk), losses(one_process), rtol=1e-5)
+
+        texts = tmp_path / "texts"
+        texts.mkdir()
+        for name in ("argparse.py", "typing.py", "inspect.py"):
+            shutil.copyfile(os.path.join(os.path.dirname(os.__file__), name),
+                            texts / f"{name}.txt")
+        fill(disk, leave=64 << 10)
+        prepare = run([sys.executable, "-m", "hvd_llama.prepare", "--input",
+                       str(texts / "*.txt"), "--output", f"{disk}/ds", "--vocab-size", "1000"],
+                      check=False)
+        assert_one_line_error(prepare, f"{disk}/ds", "No space left on device")
+        assert not [n for n in os.listdir(disk) if n.startswith("ds")]
