@@ -106,6 +106,11 @@ class DistConfig:
     # never; the ranks wait on).
     stall_warning_seconds: int = 60
     stall_shutdown_seconds: int = 0
+    # Horovod's elastic mode (horovodrun --gloo --min-np/--max-np --host-discovery-script):
+    # ranks may die and hosts come and go; the survivors roll back to the last commit of the
+    # state (weights, optimizer state, step, data position), taken every commit_every steps.
+    elastic: bool = False
+    commit_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ _POSITIVE = (
     "model.num_key_value_heads", "model.hidden_dim", "model.intermediate_dim",
     "model.rope_max_wavelength", "model.layer_norm_epsilon", "model.max_position_embeddings",
     "data.seq_len", "train.steps", "train.global_batch", "train.grad_accum",
-    "train.learning_rate", "train.log_every", "train.checkpoint_every",
+    "train.learning_rate", "train.log_every", "train.checkpoint_every", "dist.commit_every",
 )
 _NON_NEGATIVE = (
     "train.warmup_steps", "train.seed", "train.weight_decay", "train.clip_norm",
@@ -279,6 +284,9 @@ def validate(c):
     if c.dist.zero == 3 and c.train.jit_compile == "true":
         raise UserError("'train.jit_compile'=true cannot compile dist.zero=3's forward pass, "
                         "which all-gathers each layer's weights: use auto or false")
+    if c.dist.elastic and (c.dist.zero or c.dist.strategy != "horovod"):
+        raise UserError("'dist.elastic' needs dist.strategy=horovod and dist.zero=0 (a state "
+                        "every process holds whole, whatever their number)")
     if 0 < c.dist.stall_shutdown_seconds < c.dist.stall_warning_seconds \
             or (c.dist.stall_shutdown_seconds and not c.dist.stall_warning_seconds):
         # Horovod would ignore it with a warning: it shuts down only ranks it has reported.

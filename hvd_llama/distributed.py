@@ -11,6 +11,7 @@ the identity. Under dist.strategy=hybrid a process holds several replicas (repli
 gradients reach `apply` already averaged over them, so Horovod sees one process as one.
 """
 
+import contextlib
 import os
 import socket
 
@@ -23,6 +24,7 @@ from hvd_llama.errors import RanksLost, UserError
 from hvd_llama.launcher import launched, launched_size
 
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
+_local = False  # inside local_collectives(): every collective acts as in one process
 
 
 def init(dc=None, run_dir=".", threads=0):
@@ -39,6 +41,12 @@ def init(dc=None, run_dir=".", threads=0):
         raise UserError("dist.strategy=hybrid runs one process per host under horovodrun, "
                         "mpirun or srun, and none started this one (dist.strategy=mirrored is "
                         "the one-process form)")
+    elastic_launch = os.environ.get("HOROVOD_ELASTIC") == "1"
+    if dc is not None and dc.elastic != elastic_launch:
+        raise UserError("dist.elastic=true runs under horovodrun --gloo --min-np/--max-np "
+                        "--host-discovery-script (Horovod's elastic mode), and this process was "
+                        "not started so" if dc.elastic else "horovodrun started an elastic job "
+                        "(--min-np/--max-np): set dist.elastic=true, or launch without them")
     if launched() and strategy != "mirrored" and _hvd is None:
         if dc is not None:
             os.environ.update(horovod_env(dc, run_dir,
@@ -177,36 +185,81 @@ def allreduce_max(value):
 def allreduce_mean(value):
     """Mean of a scalar or array over all processes, as numpy (for metrics)."""
     value = np.asarray(value)
-    if _hvd is None:
+    if _hvd is None or _local:
         return value
     return _hvd.allreduce(tf.constant(value), op=_hvd.Average).numpy()
 
 
 def broadcast_variables(variables, root_rank=0):
     """Overwrite each process's variables with root's. Accepts Keras 3 or tf variables."""
-    if _hvd is None:
+    if _hvd is None or _local:
         return
     _hvd.broadcast_variables(compat.tf_variables(variables), root_rank=root_rank)
 
 
 def broadcast_object(obj, root_rank=0):
     """Root's picklable Python object on every process."""
-    if _hvd is None:
+    if _hvd is None or _local:
         return obj
     return _hvd.broadcast_object(obj, root_rank=root_rank)
 
 
 def allgather_object(obj):
     """Every process's picklable object, as a list in rank order."""
-    if _hvd is None:
+    if _hvd is None or _local:
         return [obj]
     return _hvd.allgather_object(obj)
 
 
 def barrier():
     """Return once every process got here (an allreduce of nothing: every rank must join)."""
-    if _hvd is not None:
+    if _hvd is not None and not _local:
         _hvd.allreduce(tf.constant(0.0), op=_hvd.Sum, name="barrier")
+
+
+@contextlib.contextmanager
+def local_collectives():
+    """Inside the block every collective acts as in one process (a broadcast keeps this
+    process's value, a gather returns it alone). Elastic training's setup runs in it: a worker
+    that joins a running job must reach no collective before the state's sync, which the
+    others, already training, wait in (Horovod's rule for elastic mode)."""
+    global _local
+    _local = True
+    try:
+        yield
+    finally:
+        _local = False
+
+
+def elastic_run(train, state):
+    """train(state) under Horovod's elastic mode (horovodrun --min-np/--max-np, Gloo): state
+    (ElasticState) is synced from rank 0 first; when a rank dies the survivors restore its
+    last commit, when hosts come or go every rank stops at its next commit, and in both cases
+    Horovod restarts over the new set of processes, the state's reset callbacks run, and
+    train(state) starts again from the synced state. Returns what train returns."""
+    from horovod.common.elastic import run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    def reset():
+        _hvd.shutdown()
+        _hvd.init()
+
+    def collectives_fail_as_horovod_errors(state):
+        try:
+            return train(state)
+        except tf.errors.OpError as e:  # a rank died: elastic mode's cue to roll back
+            if lost_ranks(e) is None:
+                raise
+            raise HorovodInternalError(e) from e
+    return run_fn(collectives_fail_as_horovod_errors, reset)(state)
+
+
+def ElasticState(model, optimizer, **objects):
+    """Horovod's elastic state of a Keras 3 model and optimizer (weights, moments, step
+    counter), plus picklable `objects` (attributes of the state): `commit()` copies them
+    aside, a rank's death restores the copy, a reset broadcasts rank 0's to every process."""
+    from horovod.tensorflow.elastic import TensorFlowKerasState
+    return TensorFlowKerasState(model, optimizer, **objects)
 
 
 def lost_ranks(error):

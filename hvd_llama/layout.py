@@ -31,14 +31,24 @@ class Layout:
     @classmethod
     def of(cls, c, processes=1, devices=1, rank=0):
         """The layout of Config c over `processes` x `devices`; a UserError naming
-        train.global_batch if it does not split evenly (the same verdict on every rank)."""
-        parts = processes * devices * c.train.grad_accum
-        if c.train.global_batch % parts:
-            raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
-                            f"{processes * devices} replica(s) x train.grad_accum "
-                            f"{c.train.grad_accum}")
-        return cls(processes, devices, rank, c.train.grad_accum,
-                   c.train.global_batch // parts, c.data.seq_len, c.dist.zero)
+        train.global_batch if it does not split evenly (the same verdict on every rank).
+
+        Under dist.elastic the number of processes changes during the run and the global
+        batch does not: the micro-batch count k is the smallest from train.grad_accum on that
+        makes it split, so a micro-batch is never larger than train.grad_accum gives at the
+        smallest size (plan memory with --processes at horovodrun's --min-np)."""
+        replicas, global_batch, k = processes * devices, c.train.global_batch, c.train.grad_accum
+        if c.dist.elastic:
+            k = next((k for k in range(k, global_batch // replicas + 1)
+                      if global_batch % (replicas * k) == 0), k)
+        if global_batch % (replicas * k):
+            elastic = (f"; dist.elastic: {processes} processes cannot split it, give horovodrun "
+                       "slot counts (and --max-np) whose totals divide it"
+                       if c.dist.elastic else "")
+            raise UserError(f"'train.global_batch' {global_batch} does not divide into "
+                            f"{replicas} replica(s) x train.grad_accum {k}{elastic}")
+        return cls(processes, devices, rank, k, global_batch // (replicas * k), c.data.seq_len,
+                   c.dist.zero)
 
     @property
     def replicas(self):

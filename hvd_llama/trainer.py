@@ -6,6 +6,7 @@ all visible here (and numbered in `setup`'s docstring); the step's own collectiv
 `optimizer.apply` and, at dist.zero=2, in the backward pass (step.py, zero.py).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,13 +28,43 @@ from hvd_llama.shards import Prepared
 
 
 def run(c):
-    """Train Config c; the process's exit status: 0, or preemption.exit_status of the signal
-    that stopped it (a checkpoint was written at the step it stopped after)."""
-    r = setup(c)
+    """Train Config c; the Run, whose `stopped_by` is the signal that stopped it early (a
+    checkpoint was written at the step it stopped after), 0 if none."""
+    # Elastic: a worker that joins later reaches no collective before the state's sync.
+    with dist.local_collectives() if c.dist.elastic else contextlib.nullcontext():
+        r = setup(c)
     if r.start >= c.train.steps:
-        return 0
-    finish(c, r, loop(c, r))
-    return preemption.exit_status(r.stopped_by) if r.stopped_by else 0
+        return r
+    try:
+        last = _elastic(c, r) if c.dist.elastic else loop(c, r)
+    except tf.errors.OpError as e:  # a collective failed: one line, not a traceback per rank
+        raise dist.lost_ranks(e) or e
+    finish(c, r, last)
+    return r
+
+
+def _elastic(c, r):
+    """The loop under Horovod's elastic mode (distributed.elastic_run): the weights, the
+    optimizer state, the step and the data position are committed every dist.commit_every
+    steps. After a rank's death every process rolls back to the last commit; after a change
+    of hosts every process stops at its next one; then the loop starts again over the new
+    processes, from rank 0's state, with the layout of the new size (the same global batch,
+    so the same rows at every step). Steps rolled back are trained again (and logged again)."""
+    state = dist.ElasticState(r.model, r.optimizer, step=r.start, rows=r.rows)
+
+    def train(state):
+        r.start, r.rows = state.step, state.rows
+        r.layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
+        hosts = dist.world()["hosts"]
+        if dist.is_chief():
+            print(f"elastic: {dist.size()} process(es) on {', '.join(hosts)} from step "
+                  f"{r.start + 1}; {r.layout.describe()}", flush=True)
+
+        def commit(step):
+            state.step, state.rows = step, r.rows
+            state.commit()  # also where a change of hosts stops every process alike
+        return loop(c, r, commit)
+    return dist.elastic_run(train, state)
 
 
 @dataclasses.dataclass
@@ -76,7 +107,10 @@ def setup(c):
                   f"hvd_llama.export {c.run.dir} exports it)", flush=True)
         return Run(layout, None, None, None, False, resume["step"], resume["rows"], 0.0)
 
-    path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size, dist.local_rank()) \
+    # Elastic: no barrier to wait at, so every process prepares it if it is missing (the
+    # first to finish wins, builtin_dir).
+    path = data.builtin_dir(c.data.cache_dir, c.model.vocab_size,
+                            0 if c.dist.elastic else dist.local_rank()) \
         if c.data.path == "builtin" else c.data.path
     dist.barrier()  # 2
     # Sizes are checked on every rank; the sha256 pass reads every shard, so once per host.
@@ -139,12 +173,12 @@ def _banner(c, r, world, peak_source):
           if c.train.warmup_steps > c.train.steps else [])]
 
 
-def loop(c, r):
+def loop(c, r, commit=None):
     """The optimizer steps from r.start + 1 to train.steps; {"step", "loss"} of the last log.
     Collectives: the step's allreduce (or ZeRO's); at each logged step the mean loss (and the
     validation loss when evaluating); after each step but the last, the max of the signals
     received (preemption.py); at each checkpoint the allgather of the weights' checksums and
-    the save's barriers."""
+    the save's barriers; under dist.elastic, commit(step) every dist.commit_every steps."""
     layout, optimizer = r.layout, r.optimizer
     batches = data.dataset(r.dataset.sequences("train", c.data.seq_len), layout, c.train.seed,
                            first_row=r.rows, steps=c.train.steps - r.start)
@@ -192,9 +226,10 @@ def loop(c, r):
             if r.stopped_by:
                 last["step"] = step
                 break
-    except tf.errors.OpError as e:  # a collective failed: one line, not a traceback per rank
-        raise dist.lost_ranks(e) or e
-    metrics.close()
+            if commit and step % c.dist.commit_every == 0 and not last_step:
+                commit(step)
+    finally:  # an elastic reset enters the loop again
+        metrics.close()
     return last
 
 

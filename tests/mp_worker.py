@@ -53,10 +53,14 @@ def train(out, overrides):
             write(*args)
             os._exit(3)
         checkpoint._write = write_then_die
-    r = trainer.setup(cfg)
-    if os.environ.get("PERTURB_RANK") == str(dist.rank()):  # after the broadcast of weights
-        r.model.weights[0].assign_add(np.full(r.model.weights[0].shape, 1e-3, np.float32))
-    trainer.finish(cfg, r, trainer.loop(cfg, r))
+    if os.environ.get("PERTURB_RANK") == str(dist.rank()):
+        broadcast = dist.broadcast_variables
+
+        def broadcast_then_nudge(variables, root_rank=0):  # setup's broadcast of the weights
+            broadcast(variables, root_rank)
+            variables[0].assign_add(np.full(variables[0].shape, 1e-3, np.float32))
+        dist.broadcast_variables = broadcast_then_nudge
+    r = trainer.run(cfg)
     if r.stopped_by:
         sys.exit(preemption.exit_status(r.stopped_by))
     # dist.zero=3 holds a share of each weight: the whole ones are in the last checkpoint.

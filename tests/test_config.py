@@ -69,3 +69,19 @@ def test_bad_yaml_files(tmp_path):
         config.load(write(tmp_path, "train: [\n"))
     with pytest.raises(UserError, match="section 'train' must be a mapping"):
         config.load(write(tmp_path, "train: 3\n"))
+
+
+def test_elastic_keeps_the_global_batch_by_raising_the_micro_batch_count():
+    """dist.elastic: the micro-batch count grows from train.grad_accum to the smallest that
+    splits the global batch over the processes; a count that cannot is named."""
+    from hvd_llama.layout import Layout
+    c = config.load(None, ["train.global_batch=24", "train.grad_accum=2", "dist.elastic=true"])
+    for processes, k, micro in ((1, 2, 12), (4, 2, 3), (8, 3, 1), (6, 2, 2), (5, None, None)):
+        if k is None:
+            with pytest.raises(UserError, match="'train.global_batch' 24 .* dist.elastic: 5 "):
+                Layout.of(c, processes)
+            continue
+        layout = Layout.of(c, processes)
+        assert (layout.grad_accum, layout.micro, layout.global_batch) == (k, micro, 24)
+    with pytest.raises(UserError, match="does not divide"):  # without dist.elastic, as set
+        Layout.of(config.load(None, ["train.global_batch=24", "train.grad_accum=2"]), 8)

@@ -8,10 +8,12 @@ scheduler would.
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -318,3 +320,60 @@ def test_a_full_or_read_only_disk_names_the_path_and_keeps_the_last_output(
                       check=False)
         assert_one_line_error(prepare, f"{disk}/ds", "No space left on device")
         assert not [n for n in os.listdir(disk) if n.startswith("ds")]
+
+
+def local_host_names():
+    """Names of this machine that horovodrun launches on without ssh (each resolves to one of
+    its addresses); to Horovod's elastic driver each is a host of its own."""
+    import psutil
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family == socket.AF_INET}
+    names = []
+    for name in ["localhost", "127.0.0.1", socket.gethostname(), *sorted(mine)]:
+        try:
+            if socket.gethostbyname(name) in mine and name not in names:
+                names.append(name)
+        except OSError:
+            pass
+    return names
+
+
+def test_elastic_start_2_kill_1_add_2_trains_every_batch_once(tmp_path, cache_dir):
+    """horovodrun --gloo --min-np 1 --max-np 3 with a host discovery script, one slot per
+    host (names of this machine): 2 processes; rank 1 killed after step 4, rank 0 rolls
+    back to its last commit and goes on alone; two hosts added: the three finish. Every step
+    is logged once, with the loss of the uninterrupted one-process run at the same global
+    batch of 12, and the final weights are its weights (float32, 1e-5: the mean of 2, 1 or
+    3 processes' gradients rounds differently from one process's)."""
+    names = local_host_names()
+    if len(names) < 4:
+        pytest.skip(f"needs 4 names of this machine for 4 hosts, found {names}")
+    steps, hosts, discover = 16, tmp_path / "hosts", tmp_path / "discover.sh"
+    hosts.write_text(f"{names[0]}:1\n{names[1]}:1\n")
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "elastic")
+    os.makedirs(reference), os.makedirs(out)
+    run([sys.executable, *train_args(reference, cache_dir, "train.global_batch=12",
+                                     steps=steps)])
+
+    job = start([HOROVODRUN, "--gloo", "-np", "2", "--min-np", "1", "--max-np", "3",
+                 "--host-discovery-script", str(discover), sys.executable,
+                 *train_args(out, cache_dir, "train.global_batch=12", "dist.elastic=true",
+                             "dist.commit_every=2", steps=steps)],
+                env={"STEP_SECONDS": "0.3"})
+    seen = []
+    read_until(job, r"step 4/", seen)
+    os.kill(rank_pids(out)[1], signal.SIGKILL)
+    read_until(job, r"elastic: 1 process\(es\)", seen)
+    hosts.write_text("".join(f"{name}:1\n" for name in names[:4]))
+    read_until(job, r"elastic: 3 process\(es\)", seen)
+    seen.append(job.communicate(timeout=120)[0])
+    text = "".join(seen)
+    assert job.returncode == 0, text[-4000:]
+    assert re.search(r"global batch: 12 sequences = .* 3 process\(es\) x 1 micro-batch\(es\) "
+                     r"x 4 sequences", text), text[-4000:]
+    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))
+    assert checkpoint.read_meta(checkpoint.latest(f"{out}/run"))["rows"] == steps * 12
+    assert_trains_like(out, reference, steps=steps)
