@@ -244,13 +244,18 @@ def _record(c, step, loss, learning_rate, grad_norm, skipped, seconds_per_step, 
 
 def finish(c, r, last):
     """Rank 0 exports the trained model as the next SavedModel version, with its tokenizer
-    (unless train.export is false); not after a signal stopped the run early. No collectives."""
-    if not dist.is_chief():
-        return
+    (unless train.export is false). After a signal stopped the run early, rank 0 says so
+    instead, and every rank waits for it (a barrier): mpirun stops the ranks still running
+    as soon as one exits with the preemption's status."""
     if r.stopped_by:
-        print(f"stopped after step {last['step']} on {preemption.name(r.stopped_by)}: "
-              f"checkpoint {checkpoint.latest(c.run.dir)} written; train.resume=auto continues "
-              f"it (exit status {preemption.exit_status(r.stopped_by)})", flush=True)
+        if dist.is_chief():
+            print(f"stopped after step {last['step']} on {preemption.name(r.stopped_by)}: "
+                  f"checkpoint {checkpoint.latest(c.run.dir)} written; train.resume=auto "
+                  f"continues it (exit status {preemption.exit_status(r.stopped_by)})",
+                  flush=True)
+        dist.barrier()
+        return
+    if not dist.is_chief():
         return
     if not c.train.export:
         print(f"done: step {last['step']}, loss {last['loss']}; checkpoint "
