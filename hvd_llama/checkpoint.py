@@ -170,7 +170,9 @@ def save(config, layout, step, rows, model, optimizer=None):
             remove(tmp)  # a crashed save's leftover
             os.makedirs(tmp)
         dist.barrier()
-        _write(os.path.join(tmp, f"rank-{layout.rank:05d}"), _entries(model, optimizer), layout)
+        if layout.weight:  # a waiting dist.elastic process holds no share of its own
+            _write(os.path.join(tmp, f"rank-{layout.rank:05d}"), _entries(model, optimizer),
+                   layout)
         dist.barrier()
         if dist.is_chief():
             tf.raw_ops.MergeV2Checkpoints(

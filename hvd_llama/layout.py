@@ -20,35 +20,50 @@ from hvd_llama.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    processes: int  # P: Horovod processes (1 without a launcher)
+    processes: int  # P: Horovod processes that read data (1 without a launcher; see weight)
     devices: int  # d: replicas in each process (1 under dist.strategy=horovod)
-    rank: int  # this process, 0..P-1
+    rank: int  # this process, 0..P-1 (one of weight 0: the reader whose rows it copies)
     grad_accum: int  # k: micro-batches per optimizer step
     micro: int  # b: sequences per replica per micro-batch
     seq_len: int  # tokens per sequence (each row holds seq_len + 1: inputs, then targets)
     zero: int = 0  # dist.zero: 0 every process holds all optimizer state; 1, 2 its share
+    # This process's weight in the averages of gradients and losses over Horovod's processes:
+    # 1, except under dist.elastic with more processes than can split the global batch. Then
+    # `processes` of them read data, weighing size/processes each, and the others weigh 0:
+    # they compute on a reader's rows only to take part in every collective.
+    weight: float = 1.0
 
     @classmethod
     def of(cls, c, processes=1, devices=1, rank=0):
         """The layout of Config c over `processes` x `devices`; a UserError naming
-        train.global_batch if it does not split evenly (the same verdict on every rank).
-
-        Under dist.elastic the number of processes changes during the run and the global
-        batch does not: the micro-batch count k is the smallest from train.grad_accum on that
-        makes it split, so a micro-batch is never larger than train.grad_accum gives at the
-        smallest size (plan memory with --processes at horovodrun's --min-np)."""
-        replicas, global_batch, k = processes * devices, c.train.global_batch, c.train.grad_accum
+        train.global_batch if it does not split evenly (the same verdict on every rank)."""
         if c.dist.elastic:
-            k = next((k for k in range(k, global_batch // replicas + 1)
-                      if global_batch % (replicas * k) == 0), k)
-        if global_batch % (replicas * k):
-            elastic = (f"; dist.elastic: {processes} processes cannot split it, give horovodrun "
-                       "slot counts (and --max-np) whose totals divide it"
-                       if c.dist.elastic else "")
-            raise UserError(f"'train.global_batch' {global_batch} does not divide into "
-                            f"{replicas} replica(s) x train.grad_accum {k}{elastic}")
-        return cls(processes, devices, rank, k, global_batch // (replicas * k), c.data.seq_len,
-                   c.dist.zero)
+            return cls._elastic(c, processes, devices, rank)
+        parts = processes * devices * c.train.grad_accum
+        if c.train.global_batch % parts:
+            raise UserError(f"'train.global_batch' {c.train.global_batch} does not divide into "
+                            f"{processes * devices} replica(s) x train.grad_accum "
+                            f"{c.train.grad_accum}")
+        return cls(processes, devices, rank, c.train.grad_accum,
+                   c.train.global_batch // parts, c.data.seq_len, c.dist.zero)
+
+    @classmethod
+    def _elastic(cls, c, size, devices, rank):
+        """Under dist.elastic the number of processes changes during the run and the global
+        batch does not. The most processes that can split it read data (all of them when
+        they can), in the fewest micro-batches from train.grad_accum on that split it evenly,
+        so a micro-batch is never larger than train.grad_accum gives at the smallest size
+        (plan memory with --dry-run --processes at horovodrun's --min-np)."""
+        global_batch, first = c.train.global_batch, c.train.grad_accum
+        for readers in range(size, 0, -1):
+            parts = readers * devices
+            k = next((k for k in range(first, global_batch // parts + 1)
+                      if global_batch % (parts * k) == 0), None)
+            if k:
+                return cls(readers, devices, rank % readers, k, global_batch // (parts * k),
+                           c.data.seq_len, c.dist.zero, size / readers if rank < readers else 0.0)
+        raise UserError(f"'train.global_batch' {global_batch} does not divide into {devices} "
+                        f"replica(s) x train.grad_accum {first}")
 
     @property
     def replicas(self):

@@ -96,7 +96,8 @@ def make_train_step(model, optimizer, layout, jit_compile=False):
     def train_step(micro_batches):
         scale = tf.convert_to_tensor(optimizer.dynamic_scale) if scaled else tf.constant(1.0)
         learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
-        loss, grads = gradients(micro_batches, scale)
+        # The loss scale carries the Layout's weight (1 but for dist.elastic's waiting ranks).
+        loss, grads = gradients(micro_batches, scale * layout.weight)
         norm = optimizer.apply(grads, variables)  # allreduce (or ZeRO's), clip, update (or skip)
         return loss, norm / scale, learning_rate
 

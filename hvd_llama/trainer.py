@@ -56,9 +56,12 @@ def _elastic(c, r):
         r.start, r.rows = state.step, state.rows
         r.layout = Layout.of(c, dist.size(), replicas.count(), dist.rank())
         hosts = dist.world()["hosts"]
+        waiting = dist.size() - r.layout.processes
         if dist.is_chief():
             print(f"elastic: {dist.size()} process(es) on {', '.join(hosts)} from step "
-                  f"{r.start + 1}; {r.layout.describe()}", flush=True)
+                  f"{r.start + 1}; {r.layout.describe()}" + (
+                      f"; {waiting} wait{'s' * (waiting == 1)} (gradients weighed 0): "
+                      f"{dist.size()} cannot split it" if waiting else ""), flush=True)
 
         def commit(step):
             state.step, state.rows = step, r.rows
@@ -203,12 +206,14 @@ def loop(c, r, commit=None):
             val_loss = None
             if val and (step % c.train.eval_every == 0 or last_step):
                 t_eval = time.perf_counter()  # every rank evaluates its part of the same batches
-                val_loss = float(dist.allreduce_mean(np.mean([eval_step(b) for b in val])))
+                val_loss = float(dist.allreduce_mean(
+                    np.mean([eval_step(b) for b in val]) * layout.weight))
                 t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
             if step % c.train.log_every == 0 or last_step or val_loss is not None:
                 now = time.perf_counter()
                 seconds_per_step = (now - t_log) / steps_since_log
-                record = _record(c, step, float(dist.allreduce_mean(loss)), learning_rate,
+                record = _record(c, step, float(dist.allreduce_mean(loss * layout.weight)),
+                                 learning_rate,
                                  grad_norm, skipped, seconds_per_step, layout.tokens_per_step,
                                  flops_per_step / (r.peak * 1e12 * dist.size()) if r.peak else 0.0)
                 if c.train.precision == "float16":

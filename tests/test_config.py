@@ -73,15 +73,17 @@ def test_bad_yaml_files(tmp_path):
 
 def test_elastic_keeps_the_global_batch_by_raising_the_micro_batch_count():
     """dist.elastic: the micro-batch count grows from train.grad_accum to the smallest that
-    splits the global batch over the processes; a count that cannot is named."""
+    splits the global batch over the processes; of 5 processes, which cannot split it, 4 read
+    data (weighing 5/4 in the averages over 5) and the fifth copies rank 0's rows, weighing 0."""
     from hvd_llama.layout import Layout
     c = config.load(None, ["train.global_batch=24", "train.grad_accum=2", "dist.elastic=true"])
-    for processes, k, micro in ((1, 2, 12), (4, 2, 3), (8, 3, 1), (6, 2, 2), (5, None, None)):
-        if k is None:
-            with pytest.raises(UserError, match="'train.global_batch' 24 .* dist.elastic: 5 "):
-                Layout.of(c, processes)
-            continue
+    for processes, k, micro in ((1, 2, 12), (4, 2, 3), (8, 3, 1), (6, 2, 2)):
         layout = Layout.of(c, processes)
-        assert (layout.grad_accum, layout.micro, layout.global_batch) == (k, micro, 24)
+        assert (layout.grad_accum, layout.micro, layout.global_batch, layout.weight) == \
+            (k, micro, 24, 1.0)
+    readers = [Layout.of(c, 5, rank=r) for r in range(5)]
+    assert {(x.processes, x.grad_accum, x.micro) for x in readers} == {(4, 2, 3)}
+    assert [(x.rank, x.weight) for x in readers] == [(0, 1.25), (1, 1.25), (2, 1.25), (3, 1.25),
+                                                     (0, 0.0)]
     with pytest.raises(UserError, match="does not divide"):  # without dist.elastic, as set
         Layout.of(config.load(None, ["train.global_batch=24", "train.grad_accum=2"]), 8)

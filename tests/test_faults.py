@@ -339,10 +339,11 @@ def local_host_names():
 def test_elastic_start_2_kill_1_add_2_trains_every_batch_once(tmp_path, cache_dir):
     """horovodrun --gloo --min-np 1 --max-np 3 with a host discovery script, one slot per
     host (names of this machine): 2 processes; rank 1 killed after step 4, rank 0 rolls
-    back to its last commit and goes on alone; two hosts added: the three finish. Every step
-    is logged once, with the loss of the uninterrupted one-process run at the same global
-    batch of 12, and the final weights are its weights (float32, 1e-5: the mean of 2, 1 or
-    3 processes' gradients rounds differently from one process's)."""
+    back to its last commit and goes on alone; two hosts added: of the three, which cannot
+    split a global batch of 8, two read data and the third waits, and they finish. Every step
+    is logged once, with the loss of the uninterrupted one-process run, and the final weights
+    are its weights (float32, 1e-5: the mean of 2 processes' gradients, or of 3 of which two
+    weigh 3/2 and one 0, rounds differently from one process's)."""
     names = local_host_names()
     if len(names) < 4:
         pytest.skip(f"needs 4 names of this machine for 4 hosts, found {names}")
@@ -352,13 +353,12 @@ def test_elastic_start_2_kill_1_add_2_trains_every_batch_once(tmp_path, cache_di
     discover.chmod(0o755)
     reference, out = str(tmp_path / "reference"), str(tmp_path / "elastic")
     os.makedirs(reference), os.makedirs(out)
-    run([sys.executable, *train_args(reference, cache_dir, "train.global_batch=12",
-                                     steps=steps)])
+    run([sys.executable, *train_args(reference, cache_dir, steps=steps)])
 
     job = start([HOROVODRUN, "--gloo", "-np", "2", "--min-np", "1", "--max-np", "3",
                  "--host-discovery-script", str(discover), sys.executable,
-                 *train_args(out, cache_dir, "train.global_batch=12", "dist.elastic=true",
-                             "dist.commit_every=2", steps=steps)],
+                 *train_args(out, cache_dir, "dist.elastic=true", "dist.commit_every=2",
+                             steps=steps)],
                 env={"STEP_SECONDS": "0.3"})
     seen = []
     read_until(job, r"step 4/", seen)
@@ -369,9 +369,10 @@ def test_elastic_start_2_kill_1_add_2_trains_every_batch_once(tmp_path, cache_di
     seen.append(job.communicate(timeout=120)[0])
     text = "".join(seen)
     assert job.returncode == 0, text[-4000:]
-    assert re.search(r"global batch: 12 sequences = .* 3 process\(es\) x 1 micro-batch\(es\) "
-                     r"x 4 sequences", text), text[-4000:]
+    assert re.search(r"elastic: 3 process\(es\) .* global batch: 8 sequences = .* 2 "
+                     r"process\(es\) x 1 micro-batch\(es\) x 4 sequences; 1 waits", text), \
+        text[-4000:]
     with open(os.path.join(out, "run", "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))
-    assert checkpoint.read_meta(checkpoint.latest(f"{out}/run"))["rows"] == steps * 12
+    assert checkpoint.read_meta(checkpoint.latest(f"{out}/run"))["rows"] == steps * 8
     assert_trains_like(out, reference, steps=steps)
