@@ -76,8 +76,17 @@ def refused_as_user_error(final):
 
 
 def _raise_if_refused(final, exc):
+    """A UserError for a refused write to `final`, to what is written in its place or to the
+    directories above it (an error naming another path, such as an input's, is left as is)."""
     reason = refusal(exc)
-    if reason:
+    if not reason:
+        return
+    if isinstance(exc, OSError):  # no filename: a write to a file the block has open
+        path, target = os.path.abspath(exc.filename or final), os.path.abspath(final)
+        ours = path.startswith(target) or target.startswith(path + os.sep)
+    else:  # TensorFlow's errors name the file they could not write
+        ours = final in str(exc)
+    if ours:
         raise UserError(f"{final}: cannot write it ({reason}); nothing was replaced, what was "
                         "there is intact") from exc
 

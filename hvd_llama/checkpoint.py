@@ -46,12 +46,13 @@ def latest(run_dir):
     return os.path.join(directory(run_dir), f"step-{steps[-1]:08d}") if steps else None
 
 
-def resume_point(config):
+def resume_point(config, move_damaged=True):
     """Whether this run starts fresh (None) or resumes (the meta of the checkpoint to resume
     from), decided by rank 0 before any compute: the trainer broadcasts the verdict. A UserError
     for a fresh start over another run's checkpoints, a resume without one (train.resume=true),
     or a resume of a different model shape. A checkpoint whose files are missing or truncated
-    is passed over, with a line saying so, for the newest one before it that is whole."""
+    is passed over, with a line saying so, for the newest one before it that is whole (and,
+    with `move_damaged`, moved aside)."""
     mode, steps = config.train.resume, sorted(_steps(config.run.dir), reverse=True)
     if not steps:
         if mode == "true":
@@ -73,8 +74,8 @@ def resume_point(config):
             damaged.append(e)
             continue
         _check_matches(path, meta, config)
-        for bad in sorted(_steps(config.run.dir)):  # kept for a look, but out of the way of
-            if bad > step:                          # `latest`, pruning and the next saves
+        for bad in sorted(_steps(config.run.dir)) if move_damaged else []:  # kept for a look,
+            if bad > step:                    # but out of the way of `latest`, pruning, saves
                 bad = os.path.join(directory(config.run.dir), f"step-{bad:08d}")
                 os.replace(bad, f"{bad}.damaged-{os.getpid()}")
                 print(f"moved {bad} to {bad}.damaged-{os.getpid()}", flush=True)
@@ -165,7 +166,7 @@ def save(config, layout, step, rows, model, optimizer=None):
     final = os.path.join(directory(config.run.dir), f"step-{step:08d}")
     saving = atomic_path(final, tag="ranks")  # one directory for every process
     with saving if dist.is_chief() else contextlib.nullcontext(saving.tmp) as tmp, \
-            refused_as_user_error(final):  # on every rank (rank 0's atomic_path does it too)
+            refused_as_user_error(final):  # a full or read-only disk, on every rank
         if dist.is_chief():
             remove(tmp)  # a crashed save's leftover
             os.makedirs(tmp)

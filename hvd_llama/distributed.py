@@ -219,10 +219,11 @@ def barrier():
 
 @contextlib.contextmanager
 def local_collectives():
-    """Inside the block every collective acts as in one process (a broadcast keeps this
-    process's value, a gather returns it alone). Elastic training's setup runs in it: a worker
-    that joins a running job must reach no collective before the state's sync, which the
-    others, already training, wait in (Horovod's rule for elastic mode)."""
+    """Inside the block the collectives of the trainer's setup act as in one process: a
+    broadcast keeps this process's value, a gather returns it alone, a barrier and a mean
+    return at once (the gradients' collectives are untouched, and rank() is still the real
+    rank). Elastic training's setup runs in it: a worker that joins a running job must reach
+    no collective before the state's sync, which the others wait in (Horovod's rule)."""
     global _local
     _local = True
     try:
@@ -238,28 +239,42 @@ def elastic_run(train, state):
     Horovod restarts over the new set of processes, the state's reset callbacks run, and
     train(state) starts again from the synced state. Returns what train returns."""
     from horovod.common.elastic import run_fn
-    from horovod.common.exceptions import HorovodInternalError
 
     def reset():
         _hvd.shutdown()
         _hvd.init()
 
     def collectives_fail_as_horovod_errors(state):
-        try:
+        with _as_horovod_errors():
             return train(state)
-        except tf.errors.OpError as e:  # a rank died: elastic mode's cue to roll back
-            if lost_ranks(e) is None:
-                raise
-            raise HorovodInternalError(e) from e
     return run_fn(collectives_fail_as_horovod_errors, reset)(state)
+
+
+@contextlib.contextmanager
+def _as_horovod_errors():
+    """A failed Horovod collective (a rank died) as HorovodInternalError: elastic mode's cue
+    to roll back and reset, where TensorFlow raises an OpError."""
+    from horovod.common.exceptions import HorovodInternalError
+    try:
+        yield
+    except tf.errors.OpError as e:
+        if lost_ranks(e) is None:
+            raise
+        raise HorovodInternalError(e) from e
 
 
 def ElasticState(model, optimizer, **objects):
     """Horovod's elastic state of a Keras 3 model and optimizer (weights, moments, step
     counter), plus picklable `objects` (attributes of the state): `commit()` copies them
-    aside, a rank's death restores the copy, a reset broadcasts rank 0's to every process."""
+    aside (on their devices: one more copy of the weights and optimizer state), a rank's
+    death restores the copy, a reset broadcasts rank 0's to every process."""
     from horovod.tensorflow.elastic import TensorFlowKerasState
-    return TensorFlowKerasState(model, optimizer, **objects)
+
+    class State(TensorFlowKerasState):
+        def sync(self):  # outside train(): a rank dying here must roll back too
+            with _as_horovod_errors():
+                super().sync()
+    return State(model, optimizer, **objects)
 
 
 def lost_ranks(error):

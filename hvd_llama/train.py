@@ -53,8 +53,7 @@ def _train(args):
     from hvd_llama import distributed, replicas, trainer
     distributed.init(cfg.dist, cfg.run.dir)  # Horovod (under a launcher), CPU threads
     replicas.setup(cfg.dist, distributed.local_rank(), distributed.local_size())  # devices
-    r = trainer.run(cfg)
-    return preemption.exit_status(r.stopped_by) if r.stopped_by else 0
+    return trainer.run(cfg).exit_status
 
 
 def _plan(cfg, args):

@@ -28,18 +28,17 @@ from hvd_llama.shards import Prepared
 
 
 def run(c):
-    """Train Config c; the Run, whose `stopped_by` is the signal that stopped it early (a
-    checkpoint was written at the step it stopped after), 0 if none."""
+    """Train Config c; the Run (its exit_status is non-zero when a signal stopped it early,
+    with a checkpoint of the step it stopped after)."""
     # Elastic: a worker that joins later reaches no collective before the state's sync.
     with dist.local_collectives() if c.dist.elastic else contextlib.nullcontext():
         r = setup(c)
     if r.start >= c.train.steps:
         return r
     try:
-        last = _elastic(c, r) if c.dist.elastic else loop(c, r)
+        finish(c, r, _elastic(c, r) if c.dist.elastic else loop(c, r))
     except tf.errors.OpError as e:  # a collective failed: one line, not a traceback per rank
         raise dist.lost_ranks(e) or e
-    finish(c, r, last)
     return r
 
 
@@ -83,6 +82,11 @@ class Run:
     peak: float  # the devices' peak TFLOP/s per process, for MFU (0: unknown)
     stopped_by: int = 0  # the signal the ranks stopped early on (preemption.py); 0: none
 
+    @property
+    def exit_status(self):
+        """The process's: 0, or the preemption's status for the signal that stopped it."""
+        return preemption.exit_status(self.stopped_by) if self.stopped_by else 0
+
 
 def setup(c):
     """Everything before the first step. The collectives, in this order on every rank:
@@ -100,6 +104,10 @@ def setup(c):
     # Refuse instead of running out: the host's memory, or a known GPU's.
     plan.check_fits(c, layout, dist.local_size() * layout.devices, hardware.gpu_name())
     verdict = _on_chief(checkpoint.resume_point, c)
+    if c.dist.elastic and not dist.is_chief():  # no broadcast to hear rank 0's verdict from
+        # (run()): a run already done is done here too; else rank 0's state comes by the sync.
+        done = _attempt(checkpoint.resume_point, c, False)
+        verdict = done if isinstance(done, dict) and done["step"] >= c.train.steps else None
     resume = dist.broadcast_object(verdict)  # 1
     if isinstance(resume, UserError):
         raise resume

@@ -107,11 +107,13 @@ def assert_trains_like(out, reference, steps=STEPS):
 def train_args(out, cache_dir, *overrides, steps=STEPS):
     """mp_worker's micro run for `steps` steps at global batch 8, whatever the process and
     device count, in OUT/run, not exported (train.export=true where a test needs it). Its
-    gradient norms are 0.6-0.75: clipping at 0.5 acts at every step. A stated peak spares
-    each run the second-long measurement of the CPU's (these runs do not check MFU)."""
+    gradient norms are 0.6-0.75: clipping at 0.5 acts at every step. These runs check
+    neither MFU nor validation: a stated peak spares each the second-long measurement of the
+    CPU's, and no evaluation the ~8 s of tracing the model for it (test_launch evaluates)."""
     return [WORKER, "train", out, f"run.dir={out}/run", f"data.cache_dir={cache_dir}",
             f"train.steps={steps}", "train.global_batch=8", "train.log_every=1",
             "train.clip_norm=0.5", "train.export=false", "train.peak_tflops=1",
+            "train.eval_every=0",
             f"train.checkpoint_every={steps}", *overrides]
 
 

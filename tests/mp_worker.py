@@ -4,10 +4,12 @@
         trains configs/micro.yaml with the overrides; OUT/rank<r>.npz = final weights,
         OUT/rank<r>-copies.json = how many device copies each weight has, their spread and
         the bytes of the optimizer's variables and of the weights held on this rank; with
-        CRASH_IN_SAVE_RANK=r set, rank r exits in its first checkpoint save, right after
-        writing its share; PERTURB_RANK=r: rank r's weights are nudged after the broadcast;
-        STEP_SECONDS and STALL_RANK slow steps down (_slow_down); a signal that stopped
-        the run (hvd_llama.preemption) gives its exit status and no OUT files
+        CRASH_IN_SAVE_RANK=r set, rank r exits (status 3) in its first checkpoint save, right
+        after writing its share, or with CRASH_AT=merge (rank 0) after merging the shares, or
+        CRASH_AT=rename (rank 0) with everything written, before the rename; PERTURB_RANK=r:
+        rank r's weights are nudged after the broadcast; STEP_SECONDS and STALL_RANK slow
+        steps down (_slow_down); a signal that stopped the run (hvd_llama.preemption) gives
+        its exit status and no OUT files
     python tests/mp_worker.py zero_overflow OUT
         float16 under dist.zero 1 and 2: an overflow in one rank's share only, then a finite
         step (and stage 0 on the same gradients); the float16 training step at stages 0, 2
@@ -47,12 +49,7 @@ def train(out, overrides):
     replicas.setup(cfg.dist, dist.local_rank(), dist.local_size())
     _slow_down(trainer.step_lib, dist.rank())
     if os.environ.get("CRASH_IN_SAVE_RANK") == str(dist.rank()):
-        write = checkpoint._write
-
-        def write_then_die(*args):  # dies with its share written, the others in the barrier
-            write(*args)
-            os._exit(3)
-        checkpoint._write = write_then_die
+        _crash_in_save(checkpoint, os.environ.get("CRASH_AT", "share"))
     if os.environ.get("PERTURB_RANK") == str(dist.rank()):
         broadcast = dist.broadcast_variables
 
@@ -61,8 +58,8 @@ def train(out, overrides):
             variables[0].assign_add(np.full(variables[0].shape, 1e-3, np.float32))
         dist.broadcast_variables = broadcast_then_nudge
     r = trainer.run(cfg)
-    if r.stopped_by:
-        sys.exit(preemption.exit_status(r.stopped_by))
+    if r.exit_status:
+        sys.exit(r.exit_status)
     # dist.zero=3 holds a share of each weight: the whole ones are in the last checkpoint.
     model = checkpoint.load_latest(cfg.run.dir)[1] if cfg.dist.zero == 3 else r.model
     held = r.optimizer.shares if cfg.dist.zero == 3 else model.weights
@@ -76,6 +73,27 @@ def train(out, overrides):
                    "optimizer_bytes": sum(int(np.prod(v.shape)) * 4 for v in adamw.variables),
                    "weight_bytes": sum(int(np.prod(v.shape)) * 4 for v in held)},
                   f)
+
+
+def _crash_in_save(checkpoint, point):
+    """Make this process die (os._exit: no cleanup runs) at `point` of its first save."""
+    def then_die(fn, unless=lambda *args: False):
+        def call(*args, **kwargs):
+            if unless(*args):
+                return fn(*args, **kwargs)
+            if point != "rename":
+                fn(*args, **kwargs)
+            os._exit(3)
+        return call
+    if point == "share":  # the others wait in the barrier
+        checkpoint._write = then_die(checkpoint._write)
+    elif point == "merge":
+        checkpoint.tf.raw_ops.MergeV2Checkpoints = then_die(
+            checkpoint.tf.raw_ops.MergeV2Checkpoints)
+    else:  # "rename": the checkpoint's atomic_path exiting without an error renames it
+        checkpoint.atomic_path.__exit__ = then_die(
+            checkpoint.atomic_path.__exit__,
+            unless=lambda self, error, *_: error or "checkpoints" not in self.final)
 
 
 def _slow_down(step_lib, rank):

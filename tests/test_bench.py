@@ -193,13 +193,15 @@ def test_peers_end_to_end(tmp_path):
 
 @pytest.mark.bench
 def test_faults_bench_end_to_end(tmp_path, cache_dir):
-    """bench/faults.py with the Gloo controller: a killed rank and a preemption signal, each
-    measured from a real 2-process run."""
+    """bench/faults.py with the Gloo controller: a killed rank, a preemption signal and a
+    killed rank of an elastic job, each measured from a real 2-process run."""
     run([sys.executable, os.path.join(REPO, "bench", "faults.py"), "--controllers", "gloo",
-         "--faults", "sigkill", "sigusr1", "--cache-dir", cache_dir, "--results",
+         "--faults", "sigkill", "sigusr1", "elastic", "--cache-dir", cache_dir, "--results",
          str(tmp_path), "--benchmarks", ""])
     [stem] = {name.rsplit(".", 1)[0] for name in os.listdir(tmp_path)}
-    killed, preempted = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    killed, preempted, elastic = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    assert elastic["survived"] and elastic["seconds_to_end"] < 60
+    assert 0 < elastic["work_lost_steps"] <= 8  # steps since the commit every 8th step
     assert killed["detected"] and killed["exit_status"] == 137 and killed["rank_and_host_named"]
     assert 0 < killed["work_lost_steps"] < 8  # steps since the checkpoint every 8th step
     assert preempted["exit_status"] == 75 and preempted["work_lost_steps"] == 0

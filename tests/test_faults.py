@@ -376,3 +376,27 @@ def test_elastic_start_2_kill_1_add_2_trains_every_batch_once(tmp_path, cache_di
         assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))
     assert checkpoint.read_meta(checkpoint.latest(f"{out}/run"))["rows"] == steps * 8
     assert_trains_like(out, reference, steps=steps)
+
+
+def test_rank_0_killed_at_each_point_of_a_save_keeps_the_last_checkpoint(
+        one_process, tmp_path, cache_dir):
+    """The one process (rank 0, which writes its share, merges and renames) dies after
+    merging the shares, then with everything written but the rename: each time step 2 stays
+    the latest whole checkpoint and the partial step 3 is passed over; the next run cleans it
+    up at its first save and ends where the uninterrupted run ends. (Rank 1 dying after its
+    share: test_a_killed_rank_then_a_preemption_lose_no_work.)"""
+    out = stopped_after_step_2(one_process, str(tmp_path))
+    run_dir = os.path.join(out, "run")
+    args = train_args(out, cache_dir, "train.checkpoint_every=2", "train.jit_compile=false",
+                      "train.resume=true")
+    for point in ("merge", "rename"):
+        crashed = run([sys.executable, *args, "train.checkpoint_every=1"], check=False,
+                      env={"CRASH_IN_SAVE_RANK": "0", "CRASH_AT": point})
+        assert crashed.returncode == 3, crashed.stdout + crashed.stderr
+        assert sorted(os.listdir(checkpoint.directory(run_dir))) == [
+            "step-00000002", "step-00000003.partial-ranks"], point
+        assert checkpoint.resume_point(config.load(MICRO, args[3:]))["step"] == 2
+    run([sys.executable, *args])
+    assert sorted(os.listdir(checkpoint.directory(run_dir))) == [  # the partial one: gone
+        "step-00000002", "step-00000004", "step-00000005"]
+    assert_trains_like(out, one_process)
