@@ -17,6 +17,9 @@
 #              (redone when the pins or the build change; a cached Horovod wheel makes it quick);
 #              EXTRAS= the setup.cfg extras (the images: none, or gpu)
 # make image-test  build docker/Dockerfile.cpu with podman and train tiny inside it (CI runs it)
+# make two-nodes  the two-node checks alone (make test runs them where sshd is installed): launches
+#              over ssh between two network namespaces on this machine (tests/two_nodes.py;
+#              needs root; installs Debian's openssh-server)
 
 PYTHON ?= python3
 VENV := .venv
@@ -28,7 +31,7 @@ EXTRAS ?= test
 RUN_DIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup train test test-bench lint bench-data bench-recipe bench-serving bench-peers \
-	bench-strategies bench-zero bench-timeline bench-faults image-test clean
+	bench-strategies bench-zero bench-timeline bench-faults image-test two-nodes clean
 
 setup: $(STAMP)
 
@@ -85,6 +88,10 @@ bench-timeline: setup
 
 image-test:
 	bash docker/image-test.sh
+
+two-nodes: setup
+	bash docker/debian-packages.sh openssh-server
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -v --durations=0 tests/test_two_nodes.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from hvd_llama import compat
 from hvd_llama.errors import RanksLost, UserError
-from hvd_llama.launcher import launched, launched_size
+from hvd_llama.launcher import exit_with_launcher, launched, launched_size
 
 _hvd = None  # horovod.tensorflow once init() ran under a launcher; None in one plain process
 _local = False  # inside local_collectives(): every collective acts as in one process
@@ -48,6 +48,7 @@ def init(dc=None, run_dir=".", threads=0):
                         "not started so" if dc.elastic else "horovodrun started an elastic job "
                         "(--min-np/--max-np): set dist.elastic=true, or launch without them")
     if launched() and strategy != "mirrored" and _hvd is None:
+        exit_with_launcher()  # a rank over ssh outlives its launcher otherwise
         if dc is not None:
             os.environ.update(horovod_env(dc, run_dir,
                                           bool(tf.config.list_physical_devices("GPU"))))

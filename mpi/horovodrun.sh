@@ -11,13 +11,13 @@ LAUNCHER=mpi/horovodrun.sh
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
 check_launch
-# Gloo looks up this host's name and crashes (SIGSEGV in hvd.init) when it does not resolve.
-if [ "$CONTROLLER" = gloo ] && ! getent hosts "$(hostname)" > /dev/null; then
-  die "this host's name $(hostname) does not resolve (add it to /etc/hosts); Gloo needs it"
-fi
 train_command
 
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# horovodrun --mpi builds its own mpirun line; OpenMPI also reads its settings from OMPI_MCA_*.
+for ((i = 0; i < ${#KEEPALIVE[@]}; i += 2)); do
+  export "OMPI_MCA_${KEEPALIVE[i]}=${KEEPALIVE[i + 1]}"
+done
 cmd=(horovodrun -np "$NP" -H "$(host_list)")
 [ -n "$CONTROLLER" ] && cmd+=("--$CONTROLLER")
 [ -n "$SSH_PORT" ] && cmd+=(-p "$SSH_PORT")

@@ -25,6 +25,7 @@ cmd=(mpirun -np "$NP" -H "$(host_list)" -bind-to none -map-by slot -mca pml ob1 
 [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)
 [ -n "$SSH_PORT" ] && cmd+=(-mca plm_rsh_args "-p $SSH_PORT")
 [ -n "$IFACE" ] && cmd+=(-mca btl_tcp_if_include "$IFACE" -mca oob_tcp_if_include "$IFACE")
+for ((i = 0; i < ${#KEEPALIVE[@]}; i += 2)); do cmd+=(-mca "${KEEPALIVE[i]}" "${KEEPALIVE[i + 1]}"); done
 for var in PATH LD_LIBRARY_PATH $(compgen -e | grep -E '^(HOROVOD|NCCL|TF|KERAS)_' || true); do
   [ -n "${!var:-}" ] && cmd+=(-x "$var")
 done

@@ -50,6 +50,15 @@ def rank_lines(proc):
             if re.match(r"^\[(\d+,)?\d+\]<std(out|err)>:", line)]
 
 
+def read_until(job, pattern, seen):
+    """Read the job's output into `seen` until a line matches `pattern` (or the job ends)."""
+    for line in job.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+    raise AssertionError(f"the job ended before printing {pattern!r}:\n{''.join(seen)[-4000:]}")
+
+
 def assert_one_line_error(proc, *fragments):
     """Exit status 2, no traceback, and an `error...` last line holding every fragment."""
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -143,7 +152,8 @@ def stopped_after_step_2(reference, out):
 # The files with the most real launches first: `make test` runs two files at a time
 # (pytest-xdist's loadfile, which hands out files in collection order), so the two workers
 # then finish together instead of one running the longest file alone at the end.
-LONGEST_FIRST = ["test_zero.py", "test_faults.py", "test_multiproc.py", "test_recipe.py"]
+LONGEST_FIRST = ["test_two_nodes.py", "test_zero.py", "test_faults.py", "test_multiproc.py",
+                 "test_recipe.py"]
 
 
 def pytest_collection_modifyitems(items):

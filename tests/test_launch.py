@@ -1,17 +1,18 @@
-"""The launch path: Dockerfiles (hadolint), shell scripts (shellcheck), mpi/horovodrun.sh and
-mpi/mpirun.sh training for real on a two-slot localhost hostfile, their refusals of bad hosts,
-slots and paths before any rank starts, and the Slurm script's command line (dry run)."""
+"""The launch path: Dockerfiles (hadolint), shell scripts (shellcheck), the refusals of
+mpi/horovodrun.sh and mpi/mpirun.sh of bad hosts, slots and paths before any rank starts, their
+command lines, and the Slurm script's (dry run). Both scripts train for real between two hosts
+in tests/test_two_nodes.py, and on localhost inside the CPU image (make image-test)."""
 
 import glob
-import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ENV, MICRO, REPO, TINY
+from conftest import ENV, REPO, TINY
 
 BIN = os.path.dirname(sys.executable)
 LAUNCH_ENV = {**ENV, "PYTHON": sys.executable, "PATH": BIN + os.pathsep + ENV["PATH"]}
@@ -48,35 +49,6 @@ def test_shell_scripts_are_shellcheck_clean():
     assert len(SCRIPTS) >= 7, SCRIPTS
     proc = sh([os.path.join(BIN, "shellcheck"), "-x", "-P", "SCRIPTDIR", *SCRIPTS])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.fixture
-def hostfile(tmp_path):
-    path = tmp_path / "hostfile"
-    path.write_text("# this machine, two ranks\nlocalhost slots=2\n")
-    return str(path)
-
-
-@pytest.mark.parametrize("launcher, options, controller", [
-    ("horovodrun.sh", ["--gloo"], "gloo"), ("mpirun.sh", [], "mpi")])
-def test_launcher_trains_on_two_local_slots(launcher, options, controller, hostfile,
-                                            tmp_path, cache_dir):
-    """mpirun.sh runs OpenMPI's plain mpirun (no horovodrun): Horovod finds the ranks through
-    MPI, and the same training command runs unchanged."""
-    run_dir = tmp_path / "run"
-    proc = sh(["bash", os.path.join("mpi", launcher), "--hostfile", hostfile, *options, MICRO,
-               f"run.dir={run_dir}", f"data.cache_dir={cache_dir}", "train.steps=4",
-               "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    launched = shlex.split(proc.stdout.splitlines()[0])  # the line it printed, then ran
-    assert launched[:5] == [launcher[:-3], "-np", "2", "-H", "localhost:2"], launched
-    with open(run_dir / "metrics.jsonl") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [2, 4]
-    assert "2 process(es) on 1 host(s)" in proc.stdout, proc.stdout[-3000:]
-    assert f"controller {controller}" in proc.stdout
-    assert (run_dir / "checkpoints" / "step-00000004").is_dir()
-    assert (run_dir / "saved_model" / "1" / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -194,18 +166,25 @@ def test_slurm_refuses_bad_input(env, args, message, tmp_path):
     assert proc.stderr.startswith("mpi/slurm.sbatch: " + message), proc.stderr
 
 
-def test_horovodrun_gloo_refuses_a_host_name_that_does_not_resolve(tmp_path):
-    # Gloo looks up the host's own name in hvd.init() and segfaults when it does not resolve
-    # (seen in podman build); a `hostname` earlier on PATH stands in for such a host.
-    fake = tmp_path / "hostname"
-    fake.write_text("#!/bin/sh\necho no-such-host.invalid\n")
-    fake.chmod(0o755)
-    path = f"{tmp_path}{os.pathsep}{LAUNCH_ENV['PATH']}"
-    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "--gloo", TINY],
-              env={"PATH": path})
-    assert (proc.returncode, proc.stderr) == (2, (
-        "mpi/horovodrun.sh: this host's name no-such-host.invalid does not resolve (add it to "
-        "/etc/hosts); Gloo needs it\n"))
-    proc = sh(["bash", "mpi/horovodrun.sh", "-H", "localhost:2", "--dry-run", TINY],
-              env={"PATH": path})
-    assert proc.returncode == 0, proc.stderr  # MPI does not look the name up
+WATCHED = ("import time\nfrom hvd_llama import launcher\nlauncher.exit_with_launcher()\n"
+           "print('started', flush=True)\ntime.sleep(60)")
+
+
+def test_a_launched_process_stops_when_its_output_pipe_hangs_up(tmp_path):
+    """launcher.exit_with_launcher: under a launcher (HOROVOD_RANK set), the reader of the
+    process's output pipe going away is a SIGTERM to it (the rank whose ssh session ended:
+    test_two_nodes.py); output to files is never watched."""
+    env = {**ENV, "HOROVOD_RANK": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout.readline() == b"started\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=10) == -15  # SIGTERM: no handler installed here
+    with open(tmp_path / "out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", WATCHED], cwd=REPO, env=env, stdout=out,
+                                stderr=out)
+        time.sleep(3)
+        assert proc.poll() is None  # still running
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "out").read_text() == "started\n"

@@ -1,9 +1,10 @@
 """dist.strategy: horovod, mirrored and hybrid train alike, on the CPU split into logical devices.
 
 The reference is one plain process at global batch 8 (conftest.one_process); mirrored runs 2
-devices of 4 sequences, hybrid 2 processes x 2 devices of 2 sequences, under horovodrun with
-the Gloo controller (test_zero.py runs hybrid under MPI, and resumes one checkpoint under every
-strategy and ZeRO stage in turn).
+devices of 4 sequences. Hybrid, 2 processes x 2 devices of 2 sequences, trains alike under
+horovodrun with the Gloo controller between two hosts (test_two_nodes.py) and under MPI on
+this one (test_zero.py, which also resumes one checkpoint under every strategy and ZeRO stage
+in turn).
 """
 
 import json
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (CONTROLLERS, TINY, arrays, assert_one_line_error, assert_trains_like,
+from conftest import (CONTROLLERS, TINY, assert_one_line_error, assert_trains_like,
                       horovodrun, rank_lines, run, train_args)
 
 MIRRORED = ["dist.strategy=mirrored", "dist.logical_cpus=2"]
@@ -42,21 +43,6 @@ def test_mirrored_over_two_devices_trains_like_one_process_with_twice_the_batch(
         in stdout
     assert_trains_like(out, one_process)
     assert copies(out) == {"copies": 2, "spread": 0.0}
-
-
-def test_hybrid_two_processes_of_two_devices_train_like_one_process_with_four_times_the_batch(
-        one_process, tmp_path, cache_dir, controller="gloo"):
-    """Under Gloo; test_zero runs hybrid under MPI."""
-    out = str(tmp_path)
-    stdout = horovodrun(controller, train_args(out, cache_dir, *HYBRID)).stdout
-    assert "2 process(es) on 1 host(s) (" in stdout and f"controller {controller}" in stdout
-    assert "2 process(es) x 2 device(s) x 1 micro-batch(es) x 2 sequences" in stdout
-    assert_trains_like(out, one_process)
-    for rank in (0, 1):  # every copy on every device of every process is the same
-        assert copies(out, rank) == {"copies": 2, "spread": 0.0}
-    for a, b in zip(arrays(os.path.join(out, "rank0.npz")),
-                    arrays(os.path.join(out, "rank1.npz")), strict=True):
-        assert np.array_equal(a, b)
 
 
 def test_the_export_of_a_mirrored_run_serves_the_same_logits(one_process, mirrored):
